@@ -1,0 +1,22 @@
+"""cga_jax: EfficientViT (MSRA, CVPR 2023) with Cascaded Group Attention in JAX / Flax NNX."""
+
+from cga_jax.attention import CascadedGroupAttention, LocalWindowAttention, attention_bias_index
+from cga_jax.config import VARIANTS, EfficientViTConfig
+from cga_jax.model import EfficientViT
+from cga_jax.registry import create_model, get_config, list_models
+from cga_jax.weights import CheckpointError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "VARIANTS",
+    "CascadedGroupAttention",
+    "CheckpointError",
+    "EfficientViT",
+    "EfficientViTConfig",
+    "LocalWindowAttention",
+    "attention_bias_index",
+    "create_model",
+    "get_config",
+    "list_models",
+]

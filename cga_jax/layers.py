@@ -1,0 +1,289 @@
+"""Building blocks, NHWC. Module and attribute names mirror timm's ``efficientvit_msra`` so that a
+PyTorch key maps to a Flax path by renaming leaves only (``weight`` -> ``kernel``/``scale``,
+``running_mean`` -> ``mean``, ``running_var`` -> ``var``)."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax import lax
+
+from cga_jax.ops import conv2d
+
+# PyTorch's default conv/linear init: kaiming_uniform(a=sqrt(5)) == U(+-1/sqrt(fan_in)).
+torch_default_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def make_divisible(v: float, divisor: int = 8, round_limit: float = 0.0) -> int:
+    """Round a channel count to a multiple of ``divisor`` (timm's rule, as in its SE module)."""
+    new_v = max(divisor, int(v + divisor / 2) // divisor * divisor)
+    if new_v < round_limit * v:
+        new_v += divisor
+    return new_v
+
+
+def _sum0(x2: jax.Array) -> jax.Array:
+    """Column sums of (N, C) as matmuls with ones vectors (faster than ``sum`` on XLA-CPU).
+
+    Two levels (blocks of ~sqrt(N) rows, then the block sums) keep the float32 rounding error
+    near sqrt(N) ulps instead of N: BN statistics over a whole batch of feature maps reduce
+    10^4-10^6 rows.
+    """
+    n, c = x2.shape
+    hi = lax.Precision.HIGHEST
+    if n <= 1024:
+        return jnp.dot(jnp.ones((n,), x2.dtype), x2, precision=hi)
+    block = int(math.ceil(math.sqrt(n)))
+    nblocks = -(-n // block)
+    if nblocks * block != n:
+        x2 = jnp.pad(x2, ((0, nblocks * block - n), (0, 0)))
+    partial = jnp.einsum(
+        "kbc,b->kc", x2.reshape(nblocks, block, c), jnp.ones((block,), x2.dtype), precision=hi
+    )
+    return jnp.dot(jnp.ones((nblocks,), x2.dtype), partial, precision=hi)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def batch_norm_train(
+    x2: jax.Array, scale: jax.Array, bias: jax.Array, eps: float
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Training-mode BN of (N, C) float32: returns (y, batch mean, biased batch variance).
+
+    The backward pass is the closed form PyTorch uses,
+    ``dx = scale * invstd * (dy - mean(dy) - xhat * mean(dy * xhat))``, rather than autodiff through
+    the statistics: the latter sums large terms that cancel and loses float32 digits when the
+    normalised group is small (e.g. the head's BatchNorm1d on a batch of 2).
+    """
+    return _bn_fwd(x2, scale, bias, eps)[0]
+
+
+def _bn_stats(x2: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    n = x2.shape[0]
+    mean = _sum0(x2) / n
+    centered = x2 - mean
+    var = _sum0(centered * centered) / n
+    return mean, var, centered
+
+
+def _bn_fwd(x2, scale, bias, eps):
+    mean, var, centered = _bn_stats(x2)
+    invstd = lax.rsqrt(var + eps)
+    xhat = centered * invstd
+    y = xhat * scale + bias
+    return (y, mean, var), (xhat, centered, invstd, scale)
+
+
+def _bn_bwd(eps, res, cts):
+    xhat, centered, invstd, scale = res
+    gy, gmean, gvar = cts
+    n = xhat.shape[0]
+    gbias = _sum0(gy)
+    gscale = _sum0(gy * xhat)
+    gx = (scale * invstd) * (gy - gbias / n - xhat * (gscale / n))
+    # the statistics outputs (used for running averages, normally under stop_gradient)
+    gx = gx + gmean / n + centered * (2.0 * gvar / n)
+    return gx, gscale, gbias
+
+
+batch_norm_train.defvjp(_bn_fwd, _bn_bwd)
+
+
+class BatchNorm(nnx.Module):
+    """BatchNorm over the last axis with PyTorch semantics.
+
+    Training mode normalises with the batch mean and the *biased* batch variance, and updates
+    ``mean``/``var`` with the *unbiased* variance: ``ra = momentum * ra + (1 - momentum) * batch``
+    (``momentum=0.9`` here is PyTorch's 0.1). Statistics are reduced in float32 with two passes
+    (no ``E[x^2] - E[x]^2`` shortcut); under a data-parallel mesh they cover the global batch.
+
+    x: (..., C) -> (..., C), same dtype as x.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        momentum: float = 0.9,
+        epsilon: float = 1e-5,
+        scale_init: float = 1.0,
+        use_running_average: bool = False,
+    ):
+        self.num_features = num_features
+        self.momentum = momentum
+        self.epsilon = epsilon
+        self.use_running_average = use_running_average
+        self.scale = nnx.Param(jnp.full((num_features,), scale_init, jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
+        self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
+        self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.use_running_average:
+            inv = self.scale[...] * lax.rsqrt(self.var[...] + self.epsilon)
+            shift = self.bias[...] - self.mean[...] * inv
+            return x * inv.astype(x.dtype) + shift.astype(x.dtype)
+        stat_dtype = jnp.promote_types(x.dtype, jnp.float32)  # f32 stats for bf16 activations
+        x2 = x.reshape(-1, x.shape[-1]).astype(stat_dtype)
+        n = x2.shape[0]
+        scale, bias = self.scale[...].astype(stat_dtype), self.bias[...].astype(stat_dtype)
+        y, mean, var = batch_norm_train(x2, scale, bias, self.epsilon)
+        m = self.momentum
+        unbiased = var * (n / max(n - 1, 1))
+        self.mean[...] = m * self.mean[...] + (1.0 - m) * lax.stop_gradient(mean)
+        self.var[...] = m * self.var[...] + (1.0 - m) * lax.stop_gradient(unbiased)
+        return y.reshape(x.shape).astype(x.dtype)
+
+
+class Conv2d(nnx.Module):
+    """``torch.nn.Conv2d`` in NHWC. ``kernel``: (kh, kw, in // groups, out) (HWIO)."""
+
+    def __init__(
+        self,
+        in_chs: int,
+        out_chs: int,
+        kernel_size: int = 1,
+        stride: int = 1,
+        padding: int = 0,
+        groups: int = 1,
+        use_bias: bool = False,
+        *,
+        rngs: nnx.Rngs,
+    ):
+        if in_chs % groups or out_chs % groups:
+            raise ValueError(f"channels {in_chs}->{out_chs} not divisible by groups={groups}")
+        self.in_chs, self.out_chs = in_chs, out_chs
+        self.kernel_size, self.stride, self.padding, self.groups = (
+            kernel_size,
+            stride,
+            padding,
+            groups,
+        )
+        shape = (kernel_size, kernel_size, in_chs // groups, out_chs)
+        self.kernel = nnx.Param(torch_default_init(rngs.params(), shape, jnp.float32))
+        if use_bias:
+            bound = (in_chs // groups * kernel_size * kernel_size) ** -0.5
+            self.bias = nnx.Param(
+                jax.random.uniform(rngs.params(), (out_chs,), jnp.float32, -bound, bound)
+            )
+        else:
+            self.bias = nnx.data(None)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: (B, H, W, in_chs) -> (B, H', W', out_chs)."""
+        y = conv2d(x, self.kernel[...].astype(x.dtype), self.stride, self.padding, self.groups)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(y.dtype)
+        return y
+
+
+class Linear(nnx.Module):
+    """``torch.nn.Linear``. ``kernel``: (in, out)."""
+
+    def __init__(self, in_features: int, out_features: int, *, std: float = 0.02, rngs: nnx.Rngs):
+        init = nnx.initializers.truncated_normal(std, lower=-2.0 / std, upper=2.0 / std)
+        self.kernel = nnx.Param(init(rngs.params(), (in_features, out_features), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: (B, in) -> (B, out)."""
+        return jnp.dot(x, self.kernel[...].astype(x.dtype)) + self.bias[...].astype(x.dtype)
+
+
+class ConvNorm(nnx.Module):
+    """Conv2d without bias followed by BatchNorm (timm ``ConvNorm``, official ``Conv2d_BN``)."""
+
+    def __init__(
+        self,
+        in_chs: int,
+        out_chs: int,
+        kernel_size: int = 1,
+        stride: int = 1,
+        padding: int = 0,
+        groups: int = 1,
+        bn_weight_init: float = 1.0,
+        *,
+        rngs: nnx.Rngs,
+    ):
+        self.conv = Conv2d(in_chs, out_chs, kernel_size, stride, padding, groups, rngs=rngs)
+        self.bn = BatchNorm(out_chs, scale_init=bn_weight_init)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: (B, H, W, in_chs) -> (B, H', W', out_chs)."""
+        return self.bn(self.conv(x))
+
+
+class NormLinear(nnx.Module):
+    """BatchNorm1d -> dropout -> Linear (timm ``NormLinear``, official ``BN_Linear``)."""
+
+    def __init__(self, in_features: int, out_features: int, *, drop: float = 0.0, rngs: nnx.Rngs):
+        self.bn = BatchNorm(in_features)
+        self.drop = nnx.Dropout(drop, rngs=rngs) if drop > 0 else nnx.data(None)
+        self.linear = Linear(in_features, out_features, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: (B, in) -> (B, out)."""
+        x = self.bn(x)
+        if self.drop is not None:
+            x = self.drop(x)
+        return self.linear(x)
+
+
+class ReLU(nnx.Module):
+    """Stateless ReLU; a module only so that indices of PyTorch ``Sequential``\\ s line up."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return jax.nn.relu(x)
+
+
+class ConvMlp(nnx.Module):
+    """The FFN: 1x1 conv -> ReLU -> 1x1 conv, each with BN. (B, H, W, C) -> (B, H, W, C)."""
+
+    def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs):
+        self.pw1 = ConvNorm(dim, hidden, rngs=rngs)
+        self.pw2 = ConvNorm(hidden, dim, bn_weight_init=0.0, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.pw2(jax.nn.relu(self.pw1(x)))
+
+
+class ResidualDrop(nnx.Module):
+    """``x + m(x)``, with per-sample stochastic depth on the branch when ``drop > 0`` in training."""
+
+    def __init__(self, m: nnx.Module, drop: float = 0.0, *, rngs: nnx.Rngs | None = None):
+        self.m = m
+        self.drop = drop
+        self.deterministic = False
+        if drop > 0:
+            if rngs is None:
+                raise ValueError("ResidualDrop with drop > 0 needs rngs (a 'dropout' stream)")
+            self.rngs = rngs["dropout"].fork()
+        else:
+            self.rngs = nnx.data(None)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = self.m(x)
+        if self.drop > 0 and not self.deterministic:
+            keep = jax.random.bernoulli(
+                self.rngs(), 1.0 - self.drop, (x.shape[0],) + (1,) * (x.ndim - 1)
+            )
+            y = y * keep.astype(y.dtype) / (1.0 - self.drop)
+        return x + y
+
+
+class SqueezeExcite(nnx.Module):
+    """timm's SE module: mean-pool -> 1x1 conv -> ReLU -> 1x1 conv -> sigmoid gate."""
+
+    def __init__(self, channels: int, rd_ratio: float = 0.25, *, rngs: nnx.Rngs):
+        rd = make_divisible(channels * rd_ratio, 8, round_limit=0.0)
+        self.fc1 = Conv2d(channels, rd, use_bias=True, rngs=rngs)
+        self.fc2 = Conv2d(rd, channels, use_bias=True, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: (B, H, W, C) -> (B, H, W, C)."""
+        s = jnp.mean(x, axis=(1, 2), keepdims=True)  # (B, 1, 1, C)
+        s = self.fc2(jax.nn.relu(self.fc1(s)))
+        return x * jax.nn.sigmoid(s)
