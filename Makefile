@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(BIN)/python -m cga_jax.demo
 
 test: $(STAMP)
-	$(BIN)/ruff check cga_jax tests convert bench configs train.py
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -m "not slow" -n 2 --dist loadfile
 
 test-all: $(STAMP)
