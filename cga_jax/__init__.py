@@ -2,6 +2,7 @@
 
 from cga_jax.attention import CascadedGroupAttention, LocalWindowAttention, attention_bias_index
 from cga_jax.config import VARIANTS, EfficientViTConfig
+from cga_jax.fuse import fuse_bn
 from cga_jax.model import EfficientViT
 from cga_jax.registry import create_model, get_config, list_models
 from cga_jax.weights import CheckpointError
@@ -17,6 +18,8 @@ __all__ = [
     "LocalWindowAttention",
     "attention_bias_index",
     "create_model",
+    "fuse_bn",
     "get_config",
     "list_models",
 ]
+from cga_jax import loading, weights  # noqa: E402,F401
