@@ -9,13 +9,37 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax import lax
 
 from cga_jax.ops import conv2d
 
-# PyTorch's default conv/linear init: kaiming_uniform(a=sqrt(5)) == U(+-1/sqrt(fan_in)).
-torch_default_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+def _uniform(rngs: nnx.Rngs, shape: tuple[int, ...], bound: float) -> jax.Array:
+    """U(-bound, bound) float32. Drawn with numpy from the stream's key when the key is concrete:
+    jax.random would compile one small kernel per distinct shape (~80 per model, ~20 s of CPU);
+    under tracing (``nnx.eval_shape``/``jit``) it falls back to jax.random."""
+    key = rngs.params()
+    if isinstance(key, jax.core.Tracer):
+        return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+    rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel())
+    return jnp.asarray(rng.uniform(-bound, bound, shape).astype(np.float32))
+
+
+def _trunc_normal(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, limit: float) -> jax.Array:
+    """N(0, std) truncated to [-limit, limit] (timm's ``trunc_normal_``), float32."""
+    key = rngs.params()
+    if isinstance(key, jax.core.Tracer):
+        init = nnx.initializers.truncated_normal(std, lower=-limit / std, upper=limit / std)
+        return init(key, shape, jnp.float32)
+    rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel())
+    out = rng.normal(0.0, std, shape)
+    bad = np.abs(out) > limit
+    while bad.any():
+        out[bad] = rng.normal(0.0, std, int(bad.sum()))
+        bad = np.abs(out) > limit
+    return jnp.asarray(out.astype(np.float32))
 
 
 def make_divisible(v: float, divisor: int = 8, round_limit: float = 0.0) -> int:
@@ -163,12 +187,11 @@ class Conv2d(nnx.Module):
             groups,
         )
         shape = (kernel_size, kernel_size, in_chs // groups, out_chs)
-        self.kernel = nnx.Param(torch_default_init(rngs.params(), shape, jnp.float32))
+        # PyTorch's default: kaiming_uniform(a=sqrt(5)) == U(+-1/sqrt(fan_in)), bias likewise
+        bound = (in_chs // groups * kernel_size * kernel_size) ** -0.5
+        self.kernel = nnx.Param(_uniform(rngs, shape, bound))
         if use_bias:
-            bound = (in_chs // groups * kernel_size * kernel_size) ** -0.5
-            self.bias = nnx.Param(
-                jax.random.uniform(rngs.params(), (out_chs,), jnp.float32, -bound, bound)
-            )
+            self.bias = nnx.Param(_uniform(rngs, (out_chs,), bound))
         else:
             self.bias = nnx.data(None)
 
@@ -184,8 +207,7 @@ class Linear(nnx.Module):
     """``torch.nn.Linear``. ``kernel``: (in, out)."""
 
     def __init__(self, in_features: int, out_features: int, *, std: float = 0.02, rngs: nnx.Rngs):
-        init = nnx.initializers.truncated_normal(std, lower=-2.0 / std, upper=2.0 / std)
-        self.kernel = nnx.Param(init(rngs.params(), (in_features, out_features), jnp.float32))
+        self.kernel = nnx.Param(_trunc_normal(rngs, (in_features, out_features), std, 2.0))
         self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32))
 
     def __call__(self, x: jax.Array) -> jax.Array:
