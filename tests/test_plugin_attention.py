@@ -6,11 +6,11 @@ References: timm's own ``LocalWindowAttention`` / ``CascadedGroupAttention`` mod
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from plugin_helpers import randomize_nnx
 
 import cga_jax
 from cga_jax.attention import (
@@ -26,33 +26,6 @@ from cga_jax.weights import load_timm_state_dict
 # ---------------------------------------------------------------------------------------------
 # no torch needed
 # ---------------------------------------------------------------------------------------------
-def _randomize(module: nnx.Module, seed: int = 0) -> None:
-    """Random weights, BN stats and attention biases (defaults hide bugs: some BN scales are 0)."""
-    rng = np.random.RandomState(seed)
-    state = nnx.state(module, (nnx.Param, nnx.BatchStat))
-    pure = nnx.to_pure_dict(state)
-    flat = jax.tree_util.tree_flatten_with_path(pure)[0]
-    new = {}
-    for path, v in flat:
-        name = str(path[-1])
-        shape = np.shape(v)
-        if "var" in name:
-            val = rng.uniform(0.5, 1.5, shape)
-        elif "scale" in name:
-            val = rng.uniform(0.5, 1.5, shape)
-        elif "kernel" in name:
-            val = rng.randn(*shape) * np.prod(shape[:-1]) ** -0.5
-        elif "attention_biases" in name:
-            val = rng.randn(*shape) * 0.5
-        else:
-            val = rng.randn(*shape) * 0.1
-        new[path] = jnp.asarray(val, jnp.float32)
-    leaves = [new[p] for p, _ in flat]
-    treedef = jax.tree_util.tree_structure(pure)
-    nnx.replace_by_pure_dict(state, jax.tree_util.tree_unflatten(treedef, leaves))
-    nnx.update(module, state)
-
-
 def _eval(module: nnx.Module) -> nnx.Module:
     module.eval()
     return module
@@ -65,7 +38,7 @@ def test_standalone_equals_model_internal_layer():
     )
     # abstract init (fast), then every parameter and statistic is set by _randomize
     model = nnx.eval_shape(lambda: cga_jax.EfficientViT(cfg, rngs=nnx.Rngs(0)))
-    _randomize(model, seed=1)
+    randomize_nnx(model, seed=1)
     model.eval()
     internal = model.stages[2].blocks[0].mixer.m  # dim 64, 4 heads, window min(7, 224/64=4) = 4
     assert internal.attn.resolution == 4
@@ -142,7 +115,7 @@ def test_window_partition_is_exact_tiling():
 
 def test_layer_trains_under_grad():
     layer = LocalWindowAttention(16, 8, 2, window_resolution=3, kernels=(3, 5), rngs=nnx.Rngs(0))
-    _randomize(layer)  # the output conv's BN scale starts at 0, which would hide the rest
+    randomize_nnx(layer)  # the output conv's BN scale starts at 0, which would hide the rest
     x = jnp.asarray(np.random.RandomState(0).randn(2, 4, 5, 16).astype(np.float32))
     grads = nnx.jit(nnx.grad(lambda m: jnp.mean(m(x) ** 2)))(layer)
     assert grads["attn"]["attention_biases"][...].shape == (2, 9)
