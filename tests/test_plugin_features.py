@@ -31,7 +31,11 @@ def _nhwc(t) -> np.ndarray:
 
 
 @pytest.mark.parametrize(
-    "name,hw", [("efficientvit_m0", (224, 224)), ("efficientvit_m4", (192, 256))]
+    "name,hw",
+    [
+        ("efficientvit_m0", (224, 224)),
+        pytest.param("efficientvit_m4", (192, 256), marks=pytest.mark.slow),
+    ],
 )
 def test_forward_intermediates_matches_timm(name, hw):
     tm, jm = _pair(name, seed=3)
@@ -117,7 +121,8 @@ def test_set_input_size_matches_timm():
         print(f"set_input_size({size}): max|diff| {err:.2e}, max|ref| {np.abs(ref).max():.2f}")
 
 
-@pytest.mark.parametrize("size", [288, pytest.param(160, marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("size", [288, 160])
 def test_create_model_img_size_matches_timm_set_input_size(tmp_path, size):
     """create_model(pretrained=224 checkpoint, img_size=s) == timm at 224 + set_input_size(s)."""
     tm = torch_ref.make_timm("efficientvit_m0", seed=6)
