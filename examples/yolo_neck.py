@@ -75,9 +75,8 @@ def build(backbone: str, pretrained: str | None, img: int, seed: int) -> TinyDet
         )
         net = cga_jax.EfficientViT(cfg, rngs=rngs)
     else:
-        net = cga_jax.create_model(
-            backbone, pretrained=pretrained, num_classes=0, img_size=img, rngs=rngs
-        )
+        # the classifier stays (unused) so that an ImageNet checkpoint loads strictly
+        net = cga_jax.create_model(backbone, pretrained=pretrained, img_size=img, rngs=rngs)
     return TinyDetector(net, rngs=rngs)
 
 
