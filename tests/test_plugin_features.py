@@ -56,7 +56,7 @@ def test_forward_intermediates_matches_timm(name, hw):
         s = info["reduction"]
         assert ours.shape == (2, -(-hw[0] // s), -(-hw[1] // s), info["num_chs"])
         err = assert_logits_close(ours, _nhwc(ref), f"{name} {info['module']}")
-        print(f"{name} {info['module']} stride {s}: max|diff| {err:.2e}")
+        print(f"{name} {info['module']} /{s}: max|diff| {err:.2e}, max|ref| {ref.abs().max():.2f}")
     assert_logits_close(final, _nhwc(ref_final), f"{name} final")
 
 
