@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -31,10 +31,17 @@ def attention_bias_index(resolution: int) -> np.ndarray:
 
 
 def broadcast_kernels(kernels: int | Sequence[int], num_heads: int) -> tuple[int, ...]:
-    """One odd kernel size per head: an int is repeated; a longer sequence is cut to the heads."""
+    """One odd kernel size per head.
+
+    An int (or a one-element sequence) is repeated for every head; a longer sequence is cut to
+    ``num_heads`` (the published configs list 4 sizes for 2-4 heads). A sequence with more than one
+    but fewer than ``num_heads`` entries is ambiguous and raises.
+    """
     if isinstance(kernels, int):
-        kernels = (kernels,) * num_heads
+        kernels = (kernels,)
     kernels = tuple(int(k) for k in kernels)
+    if len(kernels) == 1:
+        kernels = kernels * num_heads
     if len(kernels) < num_heads:
         raise ValueError(
             f"kernels={kernels} gives {len(kernels)} sizes for {num_heads} heads; give one per "
@@ -46,8 +53,44 @@ def broadcast_kernels(kernels: int | Sequence[int], num_heads: int) -> tuple[int
     return kernels
 
 
+def apply_in_windows(fn: Callable[[jax.Array], jax.Array], x: jax.Array, window: int) -> jax.Array:
+    """Apply ``fn`` to every ``window x window`` tile of a map of any size.
+
+    x: (B, H, W, C). The map is zero-padded at the bottom/right to whole windows (a map smaller
+    than the window becomes one padded window), tiled into (B * nH * nW, window, window, C), passed
+    through ``fn`` in one batch, reassembled and cropped back to (B, H, W, C'). This is timm's
+    ``LocalWindowAttention`` partition, so padded tokens take part in attention exactly as there.
+    """
+    b, h, w, c = x.shape
+    if h == window and w == window:
+        return fn(x)
+    pad_b, pad_r = (-h) % window, (-w) % window
+    if pad_b or pad_r:
+        x = jnp.pad(x, ((0, 0), (0, pad_b), (0, pad_r), (0, 0)))
+    ph, pw = h + pad_b, w + pad_r
+    nh, nw = ph // window, pw // window
+    # (B, nh*ws, nw*ws, C) -> (B*nh*nw, ws, ws, C)
+    x = x.reshape(b, nh, window, nw, window, c).transpose(0, 1, 3, 2, 4, 5)
+    y = fn(x.reshape(b * nh * nw, window, window, c))
+    co = y.shape[-1]
+    y = y.reshape(b, nh, nw, window, window, co).transpose(0, 1, 3, 2, 4, 5)
+    return y.reshape(b, ph, pw, co)[:, :h, :w, :]
+
+
+def _check_map(x: jax.Array, dim: int, who: str) -> None:
+    if x.ndim != 4:
+        raise ValueError(f"{who} expects an NHWC map (B, H, W, {dim}), got shape {x.shape}")
+    if x.shape[-1] != dim:
+        raise ValueError(
+            f"{who} was built for dim={dim} channels but got {x.shape[-1]} (input shape "
+            f"{x.shape}, NHWC: channels last)"
+        )
+    if x.shape[1] < 1 or x.shape[2] < 1:
+        raise ValueError(f"{who} got an empty map of shape {x.shape}")
+
+
 class CascadedGroupAttention(nnx.Module):
-    """Cascaded Group Attention (EfficientViT, Liu et al. 2023) on one window.
+    """Cascaded Group Attention (EfficientViT, Liu et al. 2023).
 
     The input's channels are split into ``num_heads`` equal groups. Head ``h`` sees group ``h``
     plus the output of head ``h-1``; it projects that to q, k, v with a 1x1 conv+BN, runs a
@@ -56,23 +99,28 @@ class CascadedGroupAttention(nnx.Module):
     relative offsets (``attention_biases``: (num_heads, resolution**2)). The heads' outputs are
     concatenated, passed through ReLU and a 1x1 conv+BN back to ``dim`` channels.
 
+    The bias table is sized by the *window* (``resolution``), never by the map: a map of exactly
+    ``resolution x resolution`` is attended as one window (timm's ``CascadedGroupAttention``); any
+    other (B, H, W, dim) map - non-square, not a multiple of the window, smaller than it - is
+    attended in zero-padded ``resolution``-sized windows (:func:`apply_in_windows`), which is what
+    the model's :class:`LocalWindowAttention` does.
+
     Args:
       dim: input/output channels; must be divisible by ``num_heads``.
       key_dim: channels of q and k per head.
       num_heads: number of heads.
       attn_ratio: value channels are ``int(attn_ratio * key_dim)``; the cascade needs them equal to
-        ``dim // num_heads`` (the default ``None`` picks that).
-      resolution: the window side: inputs must be (B, resolution, resolution, dim).
+        ``dim // num_heads`` (the default ``None`` picks that; anything else raises).
+      resolution: the window side (and the bias table's grid side).
       kernels: depthwise kernel size on q per head (an int for all heads).
 
-    x: (B, resolution, resolution, dim) -> (B, resolution, resolution, dim). All windows of all
-    images are batched along B; only the cascade over heads is sequential.
+    x: (B, H, W, dim) -> (B, H, W, dim).
     """
 
     def __init__(
         self,
         dim: int,
-        key_dim: int,
+        key_dim: int = 16,
         num_heads: int = 8,
         attn_ratio: float | None = None,
         resolution: int = 14,
@@ -85,6 +133,8 @@ class CascadedGroupAttention(nnx.Module):
                 f"CascadedGroupAttention: dim={dim} channels cannot be split into "
                 f"num_heads={num_heads} equal groups; choose num_heads dividing {dim}"
             )
+        if key_dim < 1:
+            raise ValueError(f"key_dim must be >= 1, got {key_dim}")
         split = dim // num_heads
         if attn_ratio is None:
             attn_ratio = split / key_dim
@@ -93,7 +143,7 @@ class CascadedGroupAttention(nnx.Module):
             raise ValueError(
                 f"CascadedGroupAttention: value dim int(attn_ratio*key_dim)={val_dim} must equal "
                 f"dim/num_heads={split}, since each head's output is added to the next head's "
-                f"input split (use attn_ratio={split / key_dim:g})"
+                f"input split (use attn_ratio={split / key_dim:g}, or None)"
             )
         if resolution < 1:
             raise ValueError(f"resolution must be >= 1, got {resolution}")
@@ -123,14 +173,26 @@ class CascadedGroupAttention(nnx.Module):
         """The gathered bias, (num_heads, N, N) with N = resolution**2."""
         return self.attention_biases[...][:, attention_bias_index(self.resolution)]
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        b, h, w, c = x.shape
-        if (h, w) != (self.resolution, self.resolution) or c != self.dim:
-            raise ValueError(
-                f"CascadedGroupAttention(dim={self.dim}, resolution={self.resolution}) got input "
-                f"of shape {x.shape}; expected (B, {self.resolution}, {self.resolution}, "
-                f"{self.dim}). Use LocalWindowAttention for maps of any size."
-            )
+    def set_resolution(self, resolution: int) -> None:
+        """Change the window side, resizing the bias table (bicubic, as timm's ``set_resolution``).
+
+        Call it outside ``jit`` and before building an optimizer over the model: the table is
+        replaced by a new ``nnx.Param`` of shape (num_heads, resolution**2).
+        """
+        from cga_jax.resize import resize_attention_biases  # local: avoids an import cycle
+
+        if resolution < 1:
+            raise ValueError(f"resolution must be >= 1, got {resolution}")
+        if resolution == self.resolution:
+            return
+        old = self.attention_biases[...]
+        new = resize_attention_biases(np.asarray(old, np.float32), resolution * resolution)
+        self.attention_biases = nnx.Param(jnp.asarray(new, dtype=old.dtype))
+        self.resolution = resolution
+
+    def _attend(self, x: jax.Array) -> jax.Array:
+        """One window per batch entry: (B, resolution, resolution, dim) -> same shape."""
+        b, h, w, _ = x.shape
         n = h * w
         kd, vd = self.key_dim, self.val_dim
         splits = jnp.split(x, self.num_heads, axis=-1)
@@ -156,15 +218,31 @@ class CascadedGroupAttention(nnx.Module):
             y = layer(y)
         return y
 
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: (B, H, W, dim), any H, W >= 1 -> (B, H, W, dim)."""
+        _check_map(x, self.dim, f"CascadedGroupAttention(dim={self.dim}, heads={self.num_heads})")
+        return apply_in_windows(self._attend, x, self.resolution)
+
 
 class LocalWindowAttention(nnx.Module):
     """Cascaded group attention inside non-overlapping windows, for maps of any size.
 
-    The effective window is ``min(window_resolution, resolution)`` (``resolution``: the map side
-    the model is built for). A map of exactly one window is attended directly; otherwise it is
-    zero-padded at the bottom/right to a multiple of the window, partitioned, attended (all
-    windows batched), reassembled and cropped. Maps smaller than the window are padded to one
-    window, so the bias table always follows the window, never the map.
+    The effective window is ``min(window_resolution, resolution)``, where ``resolution`` is the
+    map side the layer is built for (the model passes its stage's side, as timm does, so a stage
+    whose map is smaller than 7 gets a smaller window and bias table). For use outside the model,
+    leave ``resolution=None``: the window is ``window_resolution``. A map of exactly one window is
+    attended directly; otherwise it is zero-padded at the bottom/right to whole windows,
+    partitioned, attended (all windows batched), reassembled and cropped. Maps smaller than the
+    window are padded to one window: the bias table follows the window, never the map.
+
+    Args:
+      dim: input/output channels; must be divisible by ``num_heads``.
+      key_dim: q/k channels per head.
+      num_heads: heads (each gets ``dim // num_heads`` channels, which is also its value dim).
+      attn_ratio: value dim / key dim; ``None`` (default) picks the only valid one.
+      resolution: nominal map side, caps the window (``None``: no cap).
+      window_resolution: window side.
+      kernels: odd depthwise kernel size on q, one per head or one int for all.
 
     x: (B, H, W, dim) -> (B, H, W, dim), any H, W >= 1.
     """
@@ -172,10 +250,10 @@ class LocalWindowAttention(nnx.Module):
     def __init__(
         self,
         dim: int,
-        key_dim: int,
+        key_dim: int = 16,
         num_heads: int = 8,
         attn_ratio: float | None = None,
-        resolution: int = 14,
+        resolution: int | None = None,
         window_resolution: int = 7,
         kernels: int | Sequence[int] = 5,
         *,
@@ -183,6 +261,8 @@ class LocalWindowAttention(nnx.Module):
     ):
         if window_resolution < 1:
             raise ValueError(f"window_resolution must be >= 1, got {window_resolution}")
+        if resolution is not None and resolution < 1:
+            raise ValueError(f"resolution must be >= 1 (or None), got {resolution}")
         self.dim = dim
         self.num_heads = num_heads
         self.resolution = resolution
@@ -192,27 +272,24 @@ class LocalWindowAttention(nnx.Module):
             key_dim,
             num_heads,
             attn_ratio=attn_ratio,
-            resolution=min(window_resolution, resolution),
+            resolution=self._window(resolution),
             kernels=kernels,
             rngs=rngs,
         )
 
+    def _window(self, resolution: int | None) -> int:
+        if resolution is None:
+            return self.window_resolution
+        return min(self.window_resolution, resolution)
+
+    def set_input_size(self, resolution: int | None) -> None:
+        """Set the nominal map side; the window (and bias table) follow as at construction."""
+        if resolution is not None and resolution < 1:
+            raise ValueError(f"resolution must be >= 1 (or None), got {resolution}")
+        self.resolution = resolution
+        self.attn.set_resolution(self._window(resolution))
+
     def __call__(self, x: jax.Array) -> jax.Array:
-        b, h, w, c = x.shape
-        if c != self.dim:
-            raise ValueError(
-                f"LocalWindowAttention(dim={self.dim}) got {c} channels (input shape {x.shape})"
-            )
-        ws = self.attn.resolution
-        if h == ws and w == ws:
-            return self.attn(x)
-        pad_b, pad_r = (-h) % ws, (-w) % ws
-        if pad_b or pad_r:
-            x = jnp.pad(x, ((0, 0), (0, pad_b), (0, pad_r), (0, 0)))
-        ph, pw = h + pad_b, w + pad_r
-        nh, nw = ph // ws, pw // ws
-        # (B, nh*ws, nw*ws, C) -> (B*nh*nw, ws, ws, C)
-        x = x.reshape(b, nh, ws, nw, ws, c).transpose(0, 1, 3, 2, 4, 5)
-        x = self.attn(x.reshape(b * nh * nw, ws, ws, c))
-        x = x.reshape(b, nh, nw, ws, ws, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, ph, pw, c)
-        return x[:, :h, :w, :]
+        """x: (B, H, W, dim) -> (B, H, W, dim)."""
+        _check_map(x, self.dim, f"LocalWindowAttention(dim={self.dim}, heads={self.num_heads})")
+        return apply_in_windows(self.attn._attend, x, self.attn.resolution)

@@ -10,6 +10,7 @@ from flax import nnx
 
 from cga_jax.attention import LocalWindowAttention
 from cga_jax.config import EfficientViTConfig
+from cga_jax.features import feature_take_indices
 from cga_jax.layers import ConvMlp, ConvNorm, NormLinear, ResidualDrop, SqueezeExcite
 
 
@@ -122,6 +123,10 @@ class EfficientVitBlock(nnx.Module):
         self.dw1 = dw()
         self.ffn1 = ResidualDrop(ConvMlp(dim, dim * 2, rngs=rngs), drop, rngs=rngs)
 
+    def set_input_size(self, resolution: int) -> None:
+        """Nominal map side of this block (sets its attention window and bias table)."""
+        self.mixer.m.set_input_size(resolution)
+
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.ffn1(self.dw1(self.mixer(self.ffn0(self.dw0(x)))))
 
@@ -171,6 +176,12 @@ class EfficientVitStage(nnx.Module):
                 for _ in range(depth)
             ]
         )
+
+    def set_input_size(self, resolution: int) -> None:
+        """``resolution``: the map side entering the stage (before its subsample)."""
+        self.resolution = (resolution - 1) // self.stride + 1
+        for block in self.blocks:
+            block.set_input_size(self.resolution)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.downsample is not None:
@@ -245,12 +256,103 @@ class EfficientViT(nnx.Module):
             info.append(dict(num_chs=self.cfg.embed_dim[i], reduction=stride, module=f"stages.{i}"))
         return info
 
+    @property
+    def stem_feature_info(self) -> dict:
+        """The stride-8 tap: ``patch_embed.conv3`` after its ReLU (timm: ``patch_embed.relu3``)."""
+        return dict(num_chs=self.cfg.embed_dim[0] // 2, reduction=8, module="patch_embed.relu3")
+
+    def feature_info_with_stem(self) -> list[dict]:
+        """``[stem_feature_info, *feature_info]``: the maps of ``include_stem=True``."""
+        return [self.stem_feature_info, *self.feature_info]
+
     def forward_features(self, x: jax.Array) -> jax.Array:
         """(B, H, W, in_chans) -> last stage map (B, H/64, W/64, embed_dim[-1]) at 224."""
         x = self.patch_embed(x)
         for stage in self.stages:
             x = stage(x)
         return x
+
+    def forward_intermediates(
+        self,
+        x: jax.Array,
+        indices: int | Sequence[int] | None = None,
+        *,
+        include_stem: bool = False,
+        stop_early: bool = False,
+        intermediates_only: bool = False,
+        norm: bool = False,
+        output_fmt: str = "NHWC",
+    ):
+        """Stage outputs, as timm's ``forward_intermediates`` (but NHWC).
+
+        Args:
+          x: (B, H, W, in_chans).
+          indices: which stages (0..n-1, stride 16/32/64 for the published models): ``None`` all,
+            an int ``k`` the last ``k``, a sequence those indices (negative from the end). Maps
+            come back in stage order, each once, as timm does.
+          include_stem: put the stride-8 map (``patch_embed`` conv3 after ReLU, channels
+            ``embed_dim[0] // 2``) first in the list, so stem + ``indices=[0, 1]`` is a YOLO-style
+            P3/P4/P5 pyramid at strides 8/16/32. Its info is :attr:`stem_feature_info`.
+          stop_early: skip the stages after the last requested one (the returned final map is
+            then that stage's output).
+          intermediates_only: return only the list.
+          norm: accepted for timm compatibility; EfficientViT has no final norm (no-op).
+          output_fmt: only ``"NHWC"``.
+
+        Returns:
+          ``[maps]`` if ``intermediates_only`` else ``(final_map, [maps])``; map ``i`` is
+          (B, H_i, W_i, C_i) with ``C_i`` and the stride in :attr:`feature_info`.
+        """
+        del norm
+        if output_fmt != "NHWC":
+            raise ValueError(
+                f"output_fmt must be 'NHWC' (cga_jax is channels-last), got {output_fmt!r}"
+            )
+        take, max_index = feature_take_indices(len(self.stages), indices)
+        stem: list[jax.Array] = []
+        x = self.patch_embed(x, taps=stem if include_stem else None)
+        intermediates = list(stem)
+        last = max_index if stop_early else len(self.stages) - 1
+        for i, stage in enumerate(self.stages):
+            if i > last:
+                break
+            x = stage(x)
+            if i in take:
+                intermediates.append(x)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def forward_pyramid(self, x: jax.Array) -> list[jax.Array]:
+        """P3/P4/P5 for a detection neck: maps at strides 8, 16, 32 (the stem tap, stages 0, 1).
+
+        (B, H, W, in_chans) -> [(B, H/8, W/8, embed_dim[0]//2), (B, H/16, W/16, embed_dim[0]),
+        (B, H/32, W/32, embed_dim[1])] (sides rounded up); the last stage is not run. Channels:
+        ``[i["num_chs"] for i in model.feature_info_with_stem()[:3]]``.
+        """
+        if len(self.stages) < 2:
+            raise ValueError("forward_pyramid needs at least two stages")
+        return self.forward_intermediates(
+            x, indices=[0, 1], include_stem=True, stop_early=True, intermediates_only=True
+        )
+
+    def set_input_size(self, img_size: int | tuple[int, int]) -> None:
+        """Change the input resolution the model is built for, as timm's ``set_input_size``.
+
+        ``min(img_size) // 16`` and the stages' subsampling give each stage's nominal side; every
+        window attention whose effective window ``min(window, side)`` changes gets its bias table
+        resized (bicubic, antialiased, as timm) from its current one. Any input size already runs
+        without this; it only changes the windows. Call outside ``jit`` and before building an
+        optimizer (the resized tables are new ``nnx.Param`` objects).
+        """
+        cfg = self.cfg.replace(img_size=img_size)
+        resolution = min(cfg.img_hw) // cfg.patch_size
+        if resolution < 1:
+            raise ValueError(f"img_size={img_size} is smaller than one patch ({cfg.patch_size})")
+        for stage in self.stages:
+            stage.set_input_size(resolution)
+            resolution = stage.resolution
+        self.cfg = cfg
 
     def forward_head(self, x: jax.Array, pre_logits: bool = False):
         """(B, h, w, C) map -> pooled (B, C) if ``pre_logits`` else logits (B, num_classes)."""
