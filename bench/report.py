@@ -76,14 +76,15 @@ def _compile_table(results: list[dict[str, Any]]) -> list[str]:
 
 def _memory_table(results: list[dict[str, Any]]) -> list[str]:
     lines = [
-        "| case | contestant | peak RSS MiB | RSS after imports MiB |",
-        "|---|---|---|---|",
+        "| case | contestant | peak RSS MiB | RSS after imports MiB | peak - imports MiB |",
+        "|---|---|---|---|---|",
     ]
     for r in results:
         for c in r.get("contestants", []):
             lines.append(
                 f"| {r['case']} | {c['label']} | {c['maxrss_mib']:.0f} | "
-                f"{c['rss_after_import_mib']:.0f} |"
+                f"{c['rss_after_import_mib']:.0f} | "
+                f"{c['maxrss_mib'] - c['rss_after_import_mib']:.0f} |"
             )
     return lines
 
@@ -155,6 +156,8 @@ def chart(run: dict[str, Any], path: pathlib.Path) -> None:
         vals = [d[1] for d in data][::-1]
         colors = ["tab:green" if d[3] else "tab:red" for d in data][::-1]
         ax.barh(names, vals, color=colors)
+        for name, v in zip(names, vals, strict=True):
+            ax.annotate(f" {v:.2f}", (v, name), va="center", fontsize=8)
         ax.scatter([d[2] for d in data][::-1], names, marker="|", s=300, color="black")
         if data is bars:
             ax.axvline(1.0, color="gray", lw=0.8, ls="--")

@@ -53,7 +53,7 @@ def build_train(spec: dict[str, Any]) -> Task:
     opt_state = tx.init(params)
 
     def loss_fn(params, rest, x, y):
-        m = nnx.merge(graphdef, params, rest)
+        m = nnx.merge(graphdef, params, rest, copy=True)  # fresh Variables at this trace level
         logits = m(x)
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
         return loss, nnx.split(m, nnx.Param, ...)[2]
