@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 from typing import Any
 
 from bench.machine import summary_lines
 from bench.plan import JAX, SECTION_TITLES, short
+
+
+def error_summary(text: str) -> str:
+    """The exception line of a traceback (not JAX's trailing note), shortened."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if re.match(r"^[\w.]+(Error|Exception|Interrupt)\b", ln)]
+    return (errors or lines or ["?"])[-1][:160].replace("|", "/")
 
 
 def _mark(ok: bool) -> str:
@@ -35,7 +43,7 @@ def _section_table(results: list[dict[str, Any]]) -> list[str]:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         if "error" in r:
-            lines.append(f"| {short(r['variant'])} | error: {r['error'].splitlines()[-1][:120]} |")
+            lines.append(f"| {short(r['variant'])} | error: {error_summary(r['error'])} |")
             continue
         cs = {c["label"]: c for c in r["contestants"]}
         row = [short(r["variant"])] + [_rate(cs[lbl]) if lbl in cs else "-" for lbl in labels]

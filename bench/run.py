@@ -113,8 +113,8 @@ def main(argv: list[str] | None = None) -> int:
                     files[case.variant] = _prepare(case.variant, batches, tmp)
                 res = run_case(case, opts, files[case.variant])
             except Exception as exc:  # keep going: one failed case must not lose the others
-                print(f"    FAILED: {exc}", file=sys.stderr)
                 res = {"case": case.name, "error": f"{traceback.format_exc()}\n{exc}"}
+                print(f"    FAILED: {report.error_summary(res['error'])}", file=sys.stderr)
             results.append(analyse.evaluate(case, res))
     finally:
         if args.keep_tmp:

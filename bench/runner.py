@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import select
 import statistics
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from typing import IO, Any
 from bench.plan import Case, Contestant
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+REPLY_TIMEOUT_S = 1800.0  # the longest wait for one reply (a first call may compile for minutes)
 XLA_ONE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 
 
@@ -72,6 +74,10 @@ class Worker:
 
     def _recv(self) -> dict[str, Any]:
         assert self.proc.stdout is not None
+        # one line per reply, so nothing is left in the pipe's buffer between replies
+        if not select.select([self.proc.stdout], [], [], REPLY_TIMEOUT_S)[0]:
+            self.kill()
+            raise WorkerError(f"{self.spec['name']}: no reply in {REPLY_TIMEOUT_S:.0f}s")
         line = self.proc.stdout.readline()
         if not line:
             self.proc.wait()
@@ -89,7 +95,8 @@ class Worker:
         self.proc.stdin.flush()
 
     def tail(self, n: int = 3000) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")[-n:]
 
     def ready(self) -> dict[str, Any]:
@@ -110,7 +117,8 @@ class Worker:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
-        self._log.close()
+        if not self._log.closed:
+            self._log.close()
 
 
 def _spec(case: Case, c: Contestant, opts: dict[str, Any], files: dict[str, str]) -> dict:
