@@ -5,10 +5,11 @@ from __future__ import annotations
 import pathlib
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
+from flax import nnx, traverse_util
 from utils import assert_logits_close
 
 import cga_jax
@@ -33,34 +34,47 @@ TINY = EfficientViTConfig(
 )
 
 
-def _randomize(model: nnx.Module, seed: int = 0) -> None:
-    """Non-trivial BN statistics/affines and attention biases (the defaults fold to no-ops)."""
+def _random_tiny(seed: int = 0) -> nnx.Module:
+    """TINY with random weights, BN affines/statistics and attention biases (the default init
+    folds to near no-ops). Built abstractly and filled from numpy: eager init compiles one
+    kernel per parameter shape, which takes far longer than the test itself."""
+    abstract = nnx.eval_shape(lambda: cga_jax.EfficientViT(TINY, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    flat = traverse_util.flatten_dict(nnx.to_pure_dict(state))
     rng = np.random.RandomState(seed)
-    for _, m in nnx.iter_modules(model):
-        if isinstance(m, BatchNorm):
-            c = m.num_features
-            m.scale[...] = jnp.asarray(rng.uniform(0.5, 1.5, c), jnp.float32)
-            m.bias[...] = jnp.asarray(rng.normal(0, 0.1, c), jnp.float32)
-            m.mean[...] = jnp.asarray(rng.normal(0, 0.3, c), jnp.float32)
-            m.var[...] = jnp.asarray(rng.uniform(0.5, 2.0, c), jnp.float32)
-        elif isinstance(m, cga_jax.CascadedGroupAttention):
-            shape = m.attention_biases[...].shape
-            m.attention_biases[...] = jnp.asarray(rng.normal(0, 0.5, shape), jnp.float32)
+    fill = {
+        "bias": lambda shape: rng.normal(0, 0.1, shape),
+        "scale": lambda shape: rng.uniform(0.5, 1.5, shape),
+        "mean": lambda shape: rng.normal(0, 0.3, shape),
+        "var": lambda shape: rng.uniform(0.5, 2.0, shape),
+        "attention_biases": lambda shape: rng.normal(0, 0.5, shape),
+    }
+    for path, leaf in flat.items():
+        shape, name = tuple(leaf.shape), path[-1]
+        if name == "kernel":  # (..., fan_in, out)
+            value = rng.normal(0, 1, shape) * (int(np.prod(shape[:-1])) ** -0.5)
+        else:
+            value = fill[name](shape)
+        flat[path] = jnp.asarray(value, jnp.float32)
+    nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(flat))
+    return nnx.merge(graphdef, state)
+
+
+def _forward(model: nnx.Module, x: jax.Array) -> np.ndarray:
+    graphdef, state = nnx.split(model)
+    return np.asarray(jax.jit(lambda s, v: nnx.merge(graphdef, s)(v))(state, x))
 
 
 def test_fold_batchnorm_matches_unfused():
-    model = cga_jax.EfficientViT(TINY, rngs=nnx.Rngs(0))
-    _randomize(model)
+    model = _random_tiny()
     model.eval()
     x = jnp.asarray(np.random.RandomState(1).randn(2, 64, 64, 3).astype(np.float32))
-    ref = np.asarray(model(x))
+    ref = _forward(model, x)
     folded = fold_batchnorm(model)
     assert not any(isinstance(m, BatchNorm) for _, m in nnx.iter_modules(folded))
     assert any(isinstance(m, BatchNorm) for _, m in nnx.iter_modules(model))  # original kept
     assert np.abs(ref).max() > 0.1  # the check is not vacuous
-    assert_logits_close(np.asarray(folded(x)), ref, "folded logits")
-    jitted = nnx.jit(lambda m, v: m(v))(folded, x)
-    assert_logits_close(np.asarray(jitted), ref, "folded logits (jit)")
+    assert_logits_close(_forward(folded, x), ref, "folded logits")
 
 
 def test_get_folder_choices():
