@@ -19,7 +19,10 @@ from cga_jax.weights import load_timm_state_dict
 
 
 def _load(spec: dict[str, Any]) -> nnx.Module:
-    model = cga_jax.create_model(spec["variant"], rngs=nnx.Rngs(0))
+    """The model with the shared weights. Built abstractly (``nnx.eval_shape``): eager random
+    init would compile one small kernel per parameter shape - tens of seconds and extra RSS -
+    for values that the checkpoint overwrites anyway (``load_timm_state_dict`` is strict)."""
+    model = nnx.eval_shape(lambda: cga_jax.create_model(spec["variant"], rngs=nnx.Rngs(0)))
     with np.load(spec["weights"]) as f:
         load_timm_state_dict(model, {k: f[k] for k in f.files})
     return model
