@@ -26,15 +26,15 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     )
     c.data = ml_collections.ConfigDict(dict(name="digits", workers=0, aug="none", split_seed=0))
     c.optim.lr = 0.02  # x 64/512 -> 2.5e-3
-    c.optim.epochs = 40
+    c.optim.epochs = 20
     c.optim.warmup_epochs = 2
     c.optim.cooldown_epochs = 0
     c.aug.mixup = 0.0
     c.aug.cutmix = 0.0
     c.ema_decay = 0.99
     c.log_every = 10
-    c.eval_every = 220
-    c.checkpoint_every = 220
+    c.eval_every = 110
+    c.checkpoint_every = 110
     c.progress = True
     if arg == "runlocal":
         c.total_steps = 30

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from cga_jax.training.schedule import cosine_with_warmup
@@ -37,25 +38,44 @@ def decay_mask(params, no_decay: tuple[str, ...] = ("attention_biases",)):
     return jax.tree_util.tree_map_with_path(f, params)
 
 
-def _to_unit_major(tree):
-    """Optax's AGC treats the *last* axis as the output unit (right for HWIO and (in, out)
-    kernels); ``attention_biases`` are (heads, points) with the head first, as timm's AGC sees them
-    (norm over the points of each head): transpose those so that heads are last."""
-    return jax.tree_util.tree_map_with_path(
-        lambda p, x: x.T if leaf_name(p) == "attention_biases" else x, tree
-    )
+def _unit_axes(name: str, ndim: int) -> tuple[int, ...] | None:
+    """Axes summed by timm's unit-wise norm, in this project's layouts (None: whole tensor).
+
+    timm (torch layouts) norms over every axis but the first (the output unit); here kernels are
+    HWIO / (in, out) with the output last, and ``attention_biases`` are (heads, points) with the
+    head first, as in torch.
+    """
+    if ndim <= 1:
+        return None
+    if name == "attention_biases":
+        return tuple(range(1, ndim))
+    return tuple(range(ndim - 1))
 
 
 def adaptive_grad_clip(clipping: float, eps: float = 1e-3) -> optax.GradientTransformation:
-    """timm's ``--clip-mode agc``: ``optax.adaptive_grad_clip`` with the unit axis fixed for
-    attention biases (see :func:`_to_unit_major`)."""
-    inner = optax.adaptive_grad_clip(clipping, eps)
+    """timm's ``--clip-mode agc`` (``timm.utils.agc``): per output unit,
+    ``g <- g * max(|p|, eps) * clipping / max(|g|, 1e-6)`` where ``|g| > max(|p|, eps) * clipping``.
+
+    ``optax.adaptive_grad_clip`` is the same rule but takes the unit axis from the shape (last axis,
+    after squeezing): wrong for ``attention_biases`` (heads first) and for (heads, 1) tables, so
+    the rule is written here with the axis named per parameter.
+    """
 
     def update(updates, state, params=None):
-        new, state = inner.update(_to_unit_major(updates), state, _to_unit_major(params))
-        return _to_unit_major(new), state
+        if params is None:
+            raise ValueError("adaptive_grad_clip needs params")
 
-    return optax.GradientTransformation(inner.init, update)
+        def clip(path, g, p):
+            axes = _unit_axes(leaf_name(path), g.ndim)
+            pn = jnp.sqrt(jnp.sum(jnp.square(p), axis=axes, keepdims=axes is not None))
+            gn = jnp.sqrt(jnp.sum(jnp.square(g), axis=axes, keepdims=axes is not None))
+            max_norm = jnp.maximum(pn, eps) * clipping
+            clipped = g * (max_norm / jnp.maximum(gn, 1e-6))
+            return jnp.where(gn < max_norm, g, clipped).astype(g.dtype)
+
+        return jax.tree_util.tree_map_with_path(clip, updates, params), state
+
+    return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
 def make_schedule(cfg, steps_per_epoch: int) -> optax.Schedule:
