@@ -27,7 +27,7 @@ def imagenet_recipe() -> ml_collections.ConfigDict:
         dict(
             lr=1e-3,  # scaled by batch_size / 512
             betas=(0.9, 0.999), eps=1e-8, weight_decay=0.025, clip_grad=0.02,
-            epochs=300, warmup_epochs=5, warmup_lr=1e-6, min_lr=1e-5, cooldown_epochs=10,
+            epochs=300.0, warmup_epochs=5.0, warmup_lr=1e-6, min_lr=1e-5, cooldown_epochs=10.0,
         )
     )
     c.aug = ml_collections.ConfigDict(

@@ -101,6 +101,26 @@ def make_steps(cfg, graphdef, eval_graphdef, rest, tx, schedule, num_classes: in
     return train_step, eval_step
 
 
+def setup(cfg, num_classes: int, steps_per_epoch: int):
+    """Model graph and initial state. -> (graphdef, eval_graphdef, rest, tx, schedule, state)."""
+    model = build_model(cfg, num_classes)
+    model.train()
+    graphdef, params, stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+    model.eval()
+    eval_graphdef = nnx.graphdef(model)
+    schedule = make_schedule(cfg, steps_per_epoch)
+    tx = make_optimizer(cfg, params, schedule)
+    state = {
+        "params": params,
+        "batch_stats": stats,
+        "opt_state": tx.init(params),
+        "ema": ema_init({"params": params, "batch_stats": stats}),
+        "step": jnp.asarray(0, jnp.int32),
+        "rng": jax.random.key_data(jax.random.key(cfg.seed)),
+    }
+    return graphdef, eval_graphdef, rest, tx, schedule, state
+
+
 def train_and_evaluate(cfg, workdir: str) -> dict:
     """Train per ``cfg`` in ``workdir`` (resuming from its latest checkpoint). Returns the final
     metrics: ``val_top1``, ``val_top1_ema``, ``step``, ``checkpoint`` (dir), ``curves`` (png)."""
@@ -114,25 +134,10 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
     train_src = data_lib.make_source(cfg, "train")
     val_src = data_lib.make_source(cfg, "val")
     num_classes = cfg.model.get("num_classes") or train_src.num_classes
-    model = build_model(cfg, num_classes)
-    model.train()
-    graphdef, params, stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
-    model.eval()
-    eval_graphdef = nnx.graphdef(model)
-
     steps_per_epoch = max(1, len(train_src) // cfg.batch_size)
     o = cfg.optim
     total_steps = cfg.get("total_steps") or int(round((o.epochs + o.cooldown_epochs) * steps_per_epoch))
-    schedule = make_schedule(cfg, steps_per_epoch)
-    tx = make_optimizer(cfg, params, schedule)
-    state = {
-        "params": params,
-        "batch_stats": stats,
-        "opt_state": tx.init(params),
-        "ema": ema_init({"params": params, "batch_stats": stats}),
-        "step": jnp.asarray(0, jnp.int32),
-        "rng": jax.random.key_data(jax.random.key(cfg.seed)),
-    }
+    graphdef, eval_graphdef, rest, tx, schedule, state = setup(cfg, num_classes, steps_per_epoch)
     state = jax.device_put(state, repl)
 
     train_step, eval_step = make_steps(cfg, graphdef, eval_graphdef, rest, tx, schedule, num_classes)
