@@ -20,8 +20,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.eval_batch_size = 120
     c.model = ml_collections.ConfigDict(
         dict(
-            embed_dim=(32, 48, 64), key_dim=(8, 8, 8), depth=(1, 1, 1), num_heads=(2, 2, 2),
-            window_size=(2, 2, 2), kernels=(3, 3), num_classes=10,
+            embed_dim=(32, 48, 64),
+            key_dim=(8, 8, 8),
+            depth=(1, 1, 1),
+            num_heads=(2, 2, 2),
+            window_size=(2, 2, 2),
+            kernels=(3, 3),
+            num_classes=10,
         )
     )
     c.data = ml_collections.ConfigDict(dict(name="digits", workers=0, aug="none", split_seed=0))

@@ -25,8 +25,14 @@ from cga_jax.training.optim import (
 from cga_jax.training.schedule import cosine_with_warmup
 
 TINY = EfficientViTConfig(
-    img_size=32, embed_dim=(16, 24, 32), key_dim=(4, 4, 4), depth=(1, 1, 1),
-    num_heads=(2, 2, 2), window_size=(2, 2, 2), kernels=(3, 3), num_classes=10,
+    img_size=32,
+    embed_dim=(16, 24, 32),
+    key_dim=(4, 4, 4),
+    depth=(1, 1, 1),
+    num_heads=(2, 2, 2),
+    window_size=(2, 2, 2),
+    kernels=(3, 3),
+    num_classes=10,
 )
 
 
@@ -97,8 +103,10 @@ def test_agc_matches_timm_definition():
     # some units large and some small so that both branches of the clip are taken
     unit = {0: 0.001, 1: 10.0}
     grads = jax.tree.map(
-        lambda p: rng.randn(*p.shape).astype(np.float32)
-        * np.array([unit[i % 2] for i in range(p.shape[-1])], np.float32),
+        lambda p: (
+            rng.randn(*p.shape).astype(np.float32)
+            * np.array([unit[i % 2] for i in range(p.shape[-1])], np.float32)
+        ),
         params,
     )
     tx = adaptive_grad_clip(0.02)
@@ -111,7 +119,9 @@ def test_agc_matches_timm_definition():
     for (path, p), g, o in zip(leaves_p, leaves_g, leaves_o, strict=True):
         name = leaf_name(path)
         seen_ab |= name == "attention_biases"
-        want = timm_agc(to_torch_layout(name, np.asarray(p)), to_torch_layout(name, np.asarray(g)), 0.02)
+        want = timm_agc(
+            to_torch_layout(name, np.asarray(p)), to_torch_layout(name, np.asarray(g)), 0.02
+        )
         got = to_torch_layout(name, np.asarray(o))
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-8, err_msg=str(path))
         n_clipped += int(np.sum(~np.isclose(got, to_torch_layout(name, np.asarray(g)))))
@@ -146,13 +156,18 @@ def test_adamw_decays_only_masked_leaves():
     import ml_collections
 
     cfg = ml_collections.ConfigDict(
-        dict(batch_size=512, optim=dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.5, clip_grad=0.0))
+        dict(
+            batch_size=512,
+            optim=dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.5, clip_grad=0.0),
+        )
     )
     params = jax.tree.map(lambda x: np.asarray(x) + 1.0, tiny_params())
     tx = make_optimizer(cfg, params, lambda _: 0.1)
     zeros = jax.tree.map(np.zeros_like, params)
     upd, _ = jax.jit(tx.update)(zeros, tx.init(params), params)
-    for (path, u), p in zip(jax.tree_util.tree_flatten_with_path(upd)[0], jax.tree.leaves(params), strict=True):
+    for (path, u), p in zip(
+        jax.tree_util.tree_flatten_with_path(upd)[0], jax.tree.leaves(params), strict=True
+    ):
         decayed = leaf_name(path) == "kernel"
         want = -0.1 * 0.5 * np.asarray(p) if decayed else np.zeros_like(p)
         np.testing.assert_allclose(np.asarray(u), want, rtol=1e-6, err_msg=str(path))

@@ -9,8 +9,13 @@ import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY_MODEL = dict(
-    embed_dim=(16, 24, 32), key_dim=(4, 4, 4), depth=(1, 1, 1), num_heads=(2, 2, 2),
-    window_size=(2, 2, 2), kernels=(3, 3), num_classes=10,
+    embed_dim=(16, 24, 32),
+    key_dim=(4, 4, 4),
+    depth=(1, 1, 1),
+    num_heads=(2, 2, 2),
+    window_size=(2, 2, 2),
+    kernels=(3, 3),
+    num_classes=10,
 )
 
 
@@ -37,10 +42,18 @@ def tiny_digits_config(**over):
 
 def train_cmd(workdir, *flags: str) -> list[str]:
     return [
-        sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs/digits.py"),
-        "--workdir", str(workdir), "--config.progress=False",
-        "--config.model.embed_dim=(16,24,32)", "--config.model.key_dim=(4,4,4)",
-        "--config.model.num_heads=(2,2,2)", "--config.batch_size=32", *flags,
+        sys.executable,
+        str(ROOT / "train.py"),
+        "--config",
+        str(ROOT / "configs/digits.py"),
+        "--workdir",
+        str(workdir),
+        "--config.progress=False",
+        "--config.model.embed_dim=(16,24,32)",
+        "--config.model.key_dim=(4,4,4)",
+        "--config.model.num_heads=(2,2,2)",
+        "--config.batch_size=32",
+        *flags,
     ]
 
 

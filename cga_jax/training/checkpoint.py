@@ -15,7 +15,9 @@ import orbax.checkpoint as ocp
 
 
 def make_manager(directory: str, keep: int) -> ocp.CheckpointManager:
-    opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True)
+    opts = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, enable_async_checkpointing=True
+    )
     return ocp.CheckpointManager(os.path.abspath(directory), options=opts)
 
 

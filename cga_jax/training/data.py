@@ -98,7 +98,11 @@ class Decode(grain.MapTransform):
             return {"image": r["image"], "label": r["label"], "valid": np.int32(1)}
         img = decode_image(r["path"])
         if img is None:
-            return {"image": np.zeros((8, 8, 3), np.uint8), "label": r["label"], "valid": np.int32(0)}
+            return {
+                "image": np.zeros((8, 8, 3), np.uint8),
+                "label": r["label"],
+                "valid": np.int32(0),
+            }
         return {"image": img, "label": r["label"], "valid": np.int32(1)}
 
 
@@ -157,7 +161,9 @@ class EvalTransform(grain.MapTransform):
         h, w = img.shape[:2]
         if (h, w) != (self.size, self.size):
             short = int(self.size / self.crop_pct)
-            nh, nw = (short, max(1, round(w * short / h))) if h <= w else (round(h * short / w), short)
+            nh, nw = (
+                (short, max(1, round(w * short / h))) if h <= w else (round(h * short / w), short)
+            )
             img = np.asarray(Image.fromarray(img).resize((nw, nh), Image.BICUBIC))
             t, left = (nh - self.size) // 2, (nw - self.size) // 2
             img = img[t : t + self.size, left : left + self.size]
@@ -168,7 +174,9 @@ class EvalTransform(grain.MapTransform):
 def make_source(cfg, split: str):
     d = cfg.data
     if d.name == "digits":
-        return DigitsSource(split, size=d.get("source_size", cfg.img_size), seed=d.get("split_seed", 0))
+        return DigitsSource(
+            split, size=d.get("source_size", cfg.img_size), seed=d.get("split_seed", 0)
+        )
     return FolderSource(os.path.join(d.root, d.get(f"{split}_dir", split)))
 
 

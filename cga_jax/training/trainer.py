@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding
+from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from cga_jax.training import checkpoint as ckpt
@@ -48,7 +48,9 @@ def build_model(cfg, num_classes: int) -> nnx.Module:
 
 
 def _cast(tree, dtype):
-    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+    return jax.tree.map(
+        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree
+    )
 
 
 def make_steps(cfg, graphdef, eval_graphdef, rest, tx, schedule, num_classes: int):
@@ -78,7 +80,9 @@ def make_steps(cfg, graphdef, eval_graphdef, rest, tx, schedule, num_classes: in
         (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        _, ema = ema_update(cfg.ema_decay, {"params": params, "batch_stats": new_stats}, state["ema"])
+        _, ema = ema_update(
+            cfg.ema_decay, {"params": params, "batch_stats": new_stats}, state["ema"]
+        )
         metrics = {
             "train_loss": loss,
             "lr": schedule(state["step"]),
@@ -86,7 +90,11 @@ def make_steps(cfg, graphdef, eval_graphdef, rest, tx, schedule, num_classes: in
             "bad_images": jnp.sum(1.0 - valid),
         }
         new_state = dict(
-            state, params=params, batch_stats=new_stats, opt_state=opt_state, ema=ema,
+            state,
+            params=params,
+            batch_stats=new_stats,
+            opt_state=opt_state,
+            ema=ema,
             step=state["step"] + 1,
         )
         return new_state, metrics
@@ -126,7 +134,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
     metrics: ``val_top1``, ``val_top1_ema``, ``step``, ``checkpoint`` (dir), ``curves`` (png)."""
     pid, nproc = jax.process_index(), jax.process_count()
     main = pid == 0
-    mesh = jax.make_mesh((jax.device_count(),), ("data",))
+    mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
     repl, data_sh = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     if cfg.batch_size % jax.device_count() or cfg.eval_batch_size % jax.device_count():
         raise ValueError(f"batch sizes must divide by the {jax.device_count()} devices")
@@ -136,11 +144,15 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
     num_classes = cfg.model.get("num_classes") or train_src.num_classes
     steps_per_epoch = max(1, len(train_src) // cfg.batch_size)
     o = cfg.optim
-    total_steps = cfg.get("total_steps") or int(round((o.epochs + o.cooldown_epochs) * steps_per_epoch))
+    total_steps = cfg.get("total_steps") or int(
+        round((o.epochs + o.cooldown_epochs) * steps_per_epoch)
+    )
     graphdef, eval_graphdef, rest, tx, schedule, state = setup(cfg, num_classes, steps_per_epoch)
     state = jax.device_put(state, repl)
 
-    train_step, eval_step = make_steps(cfg, graphdef, eval_graphdef, rest, tx, schedule, num_classes)
+    train_step, eval_step = make_steps(
+        cfg, graphdef, eval_graphdef, rest, tx, schedule, num_classes
+    )
     state_sh = jax.tree.map(lambda _: repl, state)
     p_train = jax.jit(train_step, donate_argnums=(0,), out_shardings=(state_sh, repl))
     p_eval = jax.jit(eval_step, out_shardings=(repl, repl))

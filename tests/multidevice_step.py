@@ -1,0 +1,81 @@
+"""Run by test_train_multidevice.py with 8 simulated CPU devices: two training steps on one mesh of
+8 devices and on a mesh of 1 device, same global batch; prints the max differences."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+sys.path.insert(0, sys.argv[1])
+from cga_jax.training import data as data_lib  # noqa: E402
+from cga_jax.training.trainer import make_steps, setup  # noqa: E402
+from tests.train_helpers import tiny_digits_config  # noqa: E402
+
+
+def run(devices, cfg, batches):
+    mesh = jax.make_mesh((len(devices),), ("data",), devices=devices, axis_types=(AxisType.Auto,))
+    repl, dsh = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    gd, egd, rest, tx, sched, state = setup(cfg, 10, steps_per_epoch=40)
+    step, _ = make_steps(cfg, gd, egd, rest, tx, sched, 10)
+    state = jax.device_put(state, repl)
+    f = jax.jit(step, out_shardings=(jax.tree.map(lambda _: repl, state), repl))
+    losses = []
+    for b in batches:
+        state, m = f(state, {k: jax.device_put(v, dsh) for k, v in b.items()})
+        losses.append(float(m["train_loss"]))
+    return jax.device_get(state), losses
+
+
+def main():
+    cfg = tiny_digits_config(
+        **{"aug.mixup": 0.8, "aug.cutmix": 1.0, "optim.lr": 0.08, "optim.warmup_epochs": 0.0}
+    )
+    cfg.batch_size = 32
+    src = data_lib.DigitsSource("train", size=32)
+    batches = []
+    for s in range(3):
+        idx = np.arange(32) + 32 * s
+        batches.append(
+            {
+                "image": src.images[idx],
+                "label": src.labels[idx],
+                "valid": np.ones(32, np.int32),
+            }
+        )
+    s8, l8 = run(jax.devices()[:8], cfg, batches)
+    s1, l1 = run(jax.devices()[:1], cfg, batches)
+    diffs = [
+        float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+        / (float(np.max(np.abs(np.asarray(b, np.float64)))) + 1e-3)
+        for a, b in zip(jax.tree.leaves(s8), jax.tree.leaves(s1), strict=True)
+    ]
+    moved = float(
+        max(
+            np.max(np.abs(np.asarray(a) - np.asarray(b)))
+            for a, b in zip(
+                jax.tree.leaves(s1["params"]),
+                jax.tree.leaves(setup(cfg, 10, 40)[-1]["params"]),
+                strict=True,
+            )
+        )
+    )
+    print(
+        json.dumps(
+            {
+                "n": jax.device_count(),
+                "losses8": l8,
+                "losses1": l1,
+                "max_diff": max(diffs),
+                "moved": moved,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
