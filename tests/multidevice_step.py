@@ -24,11 +24,9 @@ def run(devices, cfg, batches):
     step, _ = make_steps(cfg, gd, egd, rest, tx, sched, 10)
     state = jax.device_put(state, repl)
     f = jax.jit(step, out_shardings=(jax.tree.map(lambda _: repl, state), repl))
-    losses = []
     for b in batches:
         state, m = f(state, {k: jax.device_put(v, dsh) for k, v in b.items()})
-        losses.append(float(m["train_loss"]))
-    return jax.device_get(state), losses
+    return jax.device_get(state), {k: float(v) for k, v in jax.device_get(m).items()}
 
 
 def main():
@@ -47,31 +45,44 @@ def main():
                 "valid": np.ones(32, np.int32),
             }
         )
-    s8, l8 = run(jax.devices()[:8], cfg, batches)
-    s1, l1 = run(jax.devices()[:1], cfg, batches)
-    diffs = [
-        float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
-        / (float(np.max(np.abs(np.asarray(b, np.float64)))) + 1e-3)
-        for a, b in zip(jax.tree.leaves(s8), jax.tree.leaves(s1), strict=True)
-    ]
-    moved = float(
-        max(
-            np.max(np.abs(np.asarray(a) - np.asarray(b)))
-            for a, b in zip(
-                jax.tree.leaves(s1["params"]),
-                jax.tree.leaves(setup(cfg, 10, 40)[-1]["params"]),
-                strict=True,
-            )
+    s8, m8 = run(jax.devices()[:8], cfg, batches[:1])
+    s1, m1 = run(jax.devices()[:1], cfg, batches[:1])
+    p0 = setup(cfg, 10, 40)[-1]["params"]
+
+    def rel(a, b):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        return float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-6))
+
+    stats = max(
+        rel(a, b)
+        for a, b in zip(
+            jax.tree.leaves(s8["batch_stats"]), jax.tree.leaves(s1["batch_stats"]), strict=True
         )
+    )
+    d = np.concatenate(
+        [
+            np.abs(np.asarray(a) - np.asarray(b)).ravel()
+            for a, b in zip(
+                jax.tree.leaves(s8["params"]), jax.tree.leaves(s1["params"]), strict=True
+            )
+        ]
+    )
+    moved = np.concatenate(
+        [
+            np.abs(np.asarray(a) - np.asarray(b)).ravel()
+            for a, b in zip(jax.tree.leaves(s1["params"]), jax.tree.leaves(p0), strict=True)
+        ]
     )
     print(
         json.dumps(
             {
                 "n": jax.device_count(),
-                "losses8": l8,
-                "losses1": l1,
-                "max_diff": max(diffs),
-                "moved": moved,
+                "m8": m8,
+                "m1": m1,
+                "bn_stats_rel": stats,
+                "param_max_abs": float(d.max()),
+                "param_frac_gt_1e-6": float((d > 1e-6).mean()),
+                "moved_median": float(np.median(moved)),
             }
         )
     )

@@ -66,7 +66,8 @@ def test_kill9_resume_is_bit_exact(tmp_path):
     )
     deadline = time.time() + 400
     while time.time() < deadline:
-        if os.path.exists(cut / "log.jsonl") and max(_losses(cut), default=0) >= 13:
+        done = (cut / "checkpoints" / "8").is_dir()  # a finalised checkpoint to resume from
+        if done and os.path.exists(cut / "log.jsonl") and max(_losses(cut), default=0) >= 13:
             break
         time.sleep(0.2)
     os.kill(p.pid, signal.SIGKILL)
@@ -75,6 +76,7 @@ def test_kill9_resume_is_bit_exact(tmp_path):
     assert 13 <= killed_at < 24
     r = run(train_cmd(cut, *flags))
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stdout + r.stderr
     a, b = _losses(ref), _losses(cut)
     assert sorted(a) == sorted(b) == list(range(1, 25))
     assert [a[s] for s in a] == [b[s] for s in a]  # bit-exact, every step

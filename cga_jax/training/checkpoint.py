@@ -16,7 +16,10 @@ import orbax.checkpoint as ocp
 
 def make_manager(directory: str, keep: int) -> ocp.CheckpointManager:
     opts = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=True, enable_async_checkpointing=True
+        max_to_keep=keep,
+        create=True,
+        enable_async_checkpointing=True,
+        cleanup_tmp_directories=True,  # leftovers of a write killed half-way
     )
     return ocp.CheckpointManager(os.path.abspath(directory), options=opts)
 
