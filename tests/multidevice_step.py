@@ -8,6 +8,7 @@ import sys
 
 import jax
 import numpy as np
+import optax
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -21,6 +22,11 @@ def run(devices, cfg, batches):
     mesh = jax.make_mesh((len(devices),), ("data",), devices=devices, axis_types=(AxisType.Auto,))
     repl, dsh = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     gd, egd, rest, tx, sched, state = setup(cfg, 10, steps_per_epoch=40)
+    # Plain SGD so that the parameter change is lr * gradient: Adam's first update is
+    # ~lr * sign(g), which turns reduction noise on gradients that are 0 in exact arithmetic into
+    # +-lr and hides what this test checks (the step's loss, gradients and BN statistics).
+    tx = optax.sgd(1.0)
+    state["opt_state"] = tx.init(state["params"])
     step, _ = make_steps(cfg, gd, egd, rest, tx, sched, 10)
     state = jax.device_put(state, repl)
     f = jax.jit(step, out_shardings=(jax.tree.map(lambda _: repl, state), repl))
@@ -51,7 +57,7 @@ def main():
 
     def rel(a, b):
         a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-        return float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-6))
+        return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-3))
 
     stats = max(
         rel(a, b)

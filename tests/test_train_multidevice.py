@@ -17,11 +17,8 @@ def test_8_devices_equal_1_device():
     out = json.loads(r.stdout.strip().splitlines()[-1])
     print(out)
     assert out["n"] == 8
-    assert out["moved_median"] > 1e-3  # the step really moved the parameters (lr 5e-3)
+    assert out["moved_median"] > 1e-6  # the SGD step really moved the parameters
     for k in ("train_loss", "grad_norm"):  # global-batch loss and gradient
         assert abs(out["m8"][k] - out["m1"][k]) <= 2e-6 * abs(out["m1"][k]), k
     assert out["bn_stats_rel"] < 1e-5  # BN statistics over the global batch, both ways
-    # Adam's first update is ~lr * sign(g): only gradient entries within reduction noise of 0 can
-    # flip, so almost all parameters agree to 1e-6 and none differs by more than 2 * lr.
-    assert out["param_frac_gt_1e-6"] < 1e-3
-    assert out["param_max_abs"] <= 2 * 5e-3 + 1e-6
+    assert out["grad_rel"] < 1e-5  # every parameter's step (SGD, lr 1): the gradients agree
