@@ -87,8 +87,8 @@ def main():
                 "m1": m1,
                 "bn_stats_rel": stats,
                 "param_max_abs": float(d.max()),
-                "param_frac_gt_1e-6": float((d > 1e-6).mean()),
-                "moved_median": float(np.median(moved)),
+                "grad_rel": float(d.max() / moved.max()),
+                "moved_max": float(moved.max()),
             }
         )
     )
