@@ -1,50 +1,38 @@
-"""`make demo`: load official-format weights, convert, predict (a smoke run of the whole path).
+"""`make demo`: train a tiny EfficientViT on scikit-learn's digits (8x8, upscaled to 32 px RGB).
 
-Uses ../shared/fixtures/official_m0.pth when present (the official EfficientViT-M0 with random
-weights), otherwise writes an official-format checkpoint of a random model first.
+The run uses the real trainer (``train.py`` / ``configs/digits.py``): the Optax recipe, the Grain
+pipeline, Orbax checkpoints. About 440 steps; on 2 CPU cores it takes a few minutes and reaches a
+validation top-1 of >= 95% on 360 held-out images. Prints the accuracy, the checkpoint directory
+and the PNG of the training curves.
 """
 
 from __future__ import annotations
 
-import pathlib
+import os
+import sys
 import tempfile
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
-
-import cga_jax
-
 
 def main() -> None:
-    fixture = pathlib.Path(__file__).resolve().parents[2] / "shared/fixtures/official_m0.pth"
-    with tempfile.TemporaryDirectory() as tmp:
-        if fixture.exists():
-            ckpt = fixture
-        else:
-            import torch
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from absl import logging
 
-            from cga_jax.weights import timm_to_official, to_timm_state_dict
+    from cga_jax.training.trainer import train_and_evaluate
+    from configs.digits import get_config
 
-            src = cga_jax.create_model("efficientvit_m0", rngs=nnx.Rngs(1))
-            sd = timm_to_official(to_timm_state_dict(src))
-            ckpt = pathlib.Path(tmp) / "efficientvit_m0.pth"
-            torch.save({"model": {k: torch.from_numpy(v) for k, v in sd.items()}}, ckpt)
-        t0 = time.perf_counter()
-        model = cga_jax.create_model("efficientvit_m0", pretrained=ckpt)
-        print(f"loaded {ckpt} in {time.perf_counter() - t0:.1f}s")
-    model.eval()
-    x = jnp.asarray(np.random.RandomState(0).randn(4, 224, 224, 3).astype(np.float32))
-    forward = nnx.jit(lambda m, v: m(v))
+    logging.set_verbosity(logging.WARNING)
+    workdir = tempfile.mkdtemp(prefix="cga_jax_demo_")
+    cfg = get_config()
+    print(f"training a tiny EfficientViT on digits ({cfg.img_size}px) in {workdir}")
     t0 = time.perf_counter()
-    logits = jax.block_until_ready(forward(model, x))
-    print(f"compiled + ran in {time.perf_counter() - t0:.1f}s on {jax.devices()[0].platform}")
-    t0 = time.perf_counter()
-    jax.block_until_ready(forward(model, x))
-    print(f"batch of 4 at 224x224: {1000 * (time.perf_counter() - t0):.0f} ms")
-    print("top-5 classes per image:", np.argsort(-np.asarray(logits), axis=-1)[:, :5].tolist())
+    res = train_and_evaluate(cfg, workdir)
+    print(f"done in {time.perf_counter() - t0:.0f}s, {res['step']} steps")
+    print(f"validation top-1: {res['val_top1']:.2f}% (EMA model: {res['val_top1_ema']:.2f}%)")
+    print(f"checkpoint: {res['checkpoint']}/{res['step']}")
+    print(f"curves: {res['curves']}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,44 @@
+"""Orbax checkpoints of the whole run: train state pytree + Grain iterator state + metadata.
+
+Async saves, ``keep`` latest steps (``CheckpointManager``), plus a separate ``best/`` manager that
+holds the best-accuracy step. Orbax writes into a temporary directory and renames it when
+complete, so a kill during a write leaves the previous step as the latest restorable one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+
+def make_manager(directory: str, keep: int) -> ocp.CheckpointManager:
+    opts = ocp.CheckpointManagerOptions(
+        max_to_keep=keep,
+        create=True,
+        enable_async_checkpointing=True,
+        cleanup_tmp_directories=True,  # leftovers of a write killed half-way
+    )
+    return ocp.CheckpointManager(os.path.abspath(directory), options=opts)
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state, data_state: bytes | None, meta: dict):
+    args = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
+    if data_state is not None:
+        args["data"] = ocp.args.JsonSave(json.loads(data_state.decode()))
+    mngr.save(step, args=ocp.args.Composite(**args), force=True)
+
+
+def restore(mngr: ocp.CheckpointManager, step: int, like_state):
+    """-> (state with ``like_state``'s shardings, data iterator state bytes or None, meta)."""
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like_state)
+    items = mngr.item_metadata(step)
+    args = {"state": ocp.args.StandardRestore(abstract), "meta": ocp.args.JsonRestore()}
+    has_data = items is not None and "data" in items.keys() and items["data"] is not None
+    if has_data:
+        args["data"] = ocp.args.JsonRestore()
+    out = mngr.restore(step, args=ocp.args.Composite(**args))
+    data = json.dumps(out["data"]).encode() if has_data else None
+    return out["state"], data, out["meta"]

@@ -1,0 +1,234 @@
+"""Input pipeline on Grain: random-access sources, per-record decode/augment, per-process shards.
+
+Records are dicts ``{"image": uint8 (H, W, 3), "label": int32, "valid": int32}``. Images that
+cannot be decoded (corrupt or truncated files) come back as a black image with ``valid=0``: the
+loss and the accuracy ignore them and the trainer counts them, so a bad file never stops a run
+and batch shapes stay fixed. Grayscale, palette and CMYK files are converted to RGB.
+
+Training: ``grain.DataLoader`` with an ``IndexSampler`` (shuffled, endless, sharded by JAX
+process) -- its iterator state (a few bytes) is checkpointed, so a resumed run sees the same
+batches. Evaluation: every image exactly once; each process takes ``i % num_processes == pid`` and
+the last batch is padded with ``valid=0`` records (the same number of batches on every process).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pathlib
+import warnings
+
+import grain.python as grain
+import numpy as np
+from PIL import Image, ImageFile
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff", ".gif")
+MEAN = np.array([0.485, 0.456, 0.406], np.float32) * 255
+STD = np.array([0.229, 0.224, 0.225], np.float32) * 255
+
+
+# ---- sources ---------------------------------------------------------------------------------
+class DigitsSource(grain.RandomAccessDataSource):
+    """scikit-learn's 8x8 digits (1797 images, shipped with the package), bicubic-upscaled to
+    ``size`` px RGB. A fixed seeded split: ``val_size`` images held out for validation."""
+
+    def __init__(self, split: str, size: int = 32, val_size: int = 360, seed: int = 0):
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        order = np.random.RandomState(seed).permutation(len(d.target))
+        idx = order[val_size:] if split == "train" else order[:val_size]
+        imgs = (d.images[idx] * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)  # (N, 8, 8)
+        self.images = np.stack(
+            [np.asarray(Image.fromarray(a).resize((size, size), Image.BICUBIC)) for a in imgs]
+        )[..., None].repeat(3, axis=-1)
+        self.labels = d.target[idx].astype(np.int32)
+        self.num_classes = 10
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return {"image": self.images[i], "label": self.labels[i]}
+
+
+class FolderSource(grain.RandomAccessDataSource):
+    """ImageNet-style ``root/<class>/<image>``; classes sorted by name. Records hold the path;
+    decoding happens in the workers (:class:`Decode`)."""
+
+    def __init__(self, root: str | os.PathLike):
+        root = pathlib.Path(root)
+        self.classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+        if not self.classes:
+            raise FileNotFoundError(f"no class folders in {root} (expected root/<class>/<image>)")
+        self.samples = [
+            (str(f), c)
+            for c, name in enumerate(self.classes)
+            for f in sorted((root / name).rglob("*"))
+            if f.suffix.lower() in IMAGE_EXTS
+        ]
+        self.num_classes = len(self.classes)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        path, label = self.samples[i]
+        return {"path": path, "label": np.int32(label)}
+
+
+def decode_image(path: str) -> np.ndarray | None:
+    """File -> uint8 (H, W, 3) RGB, or None when the file cannot be decoded in full."""
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as im:
+                im.load()
+                if im.mode != "RGB":  # L, LA, P, CMYK, I;16, RGBA ...
+                    im = im.convert("RGB")
+                return np.asarray(im)
+    except Exception:  # noqa: BLE001 - any decode failure means "skip and count"
+        return None
+
+
+class Decode(grain.MapTransform):
+    def map(self, r):
+        if "image" in r:
+            return {"image": r["image"], "label": r["label"], "valid": np.int32(1)}
+        img = decode_image(r["path"])
+        if img is None:
+            return {
+                "image": np.zeros((8, 8, 3), np.uint8),
+                "label": r["label"],
+                "valid": np.int32(0),
+            }
+        return {"image": img, "label": r["label"], "valid": np.int32(1)}
+
+
+# ---- transforms ------------------------------------------------------------------------------
+def random_resized_crop_box(rng: np.random.Generator, h: int, w: int, scale, ratio):
+    """timm/torchvision ``RandomResizedCrop.get_params``: (top, left, height, width)."""
+    area = h * w
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        ar = math.exp(rng.uniform(*log_ratio))
+        cw, ch = int(round(math.sqrt(target * ar))), int(round(math.sqrt(target / ar)))
+        if 0 < cw <= w and 0 < ch <= h:
+            return int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1)), ch, cw
+    in_ratio = w / h
+    if in_ratio < ratio[0]:
+        cw, ch = w, int(round(w / ratio[0]))
+    elif in_ratio > ratio[1]:
+        ch, cw = h, int(round(h * ratio[1]))
+    else:
+        cw, ch = w, h
+    return (h - ch) // 2, (w - cw) // 2, ch, cw
+
+
+class TrainAugment(grain.RandomMapTransform):
+    """Random-resized-crop (bicubic) to ``size`` and horizontal flip (``flip`` prob.); with
+    ``scale=None`` only resizes (the digits demo, where flips and crops would change the digit)."""
+
+    def __init__(self, size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip: float = 0.5):
+        self.size, self.scale, self.ratio, self.flip = size, scale, ratio, flip
+
+    def random_map(self, r, rng: np.random.Generator):
+        img = r["image"]
+        h, w = img.shape[:2]
+        if self.scale is not None:
+            t, left, ch, cw = random_resized_crop_box(rng, h, w, self.scale, self.ratio)
+            box = (left, t, left + cw, t + ch)
+        else:
+            box = (0, 0, w, h)
+        if box != (0, 0, w, h) or (h, w) != (self.size, self.size):
+            pil = Image.fromarray(img).resize((self.size, self.size), Image.BICUBIC, box=box)
+            img = np.asarray(pil)
+        if self.flip > 0 and rng.uniform() < self.flip:
+            img = img[:, ::-1]
+        return {**r, "image": np.ascontiguousarray(img)}
+
+
+class EvalTransform(grain.MapTransform):
+    """Resize the short side to ``size / crop_pct`` (bicubic), centre-crop ``size``."""
+
+    def __init__(self, size: int, crop_pct: float = 0.875):
+        self.size, self.crop_pct = size, crop_pct
+
+    def map(self, r):
+        img = r["image"]
+        h, w = img.shape[:2]
+        if (h, w) != (self.size, self.size):
+            short = int(self.size / self.crop_pct)
+            nh, nw = (
+                (short, max(1, round(w * short / h))) if h <= w else (round(h * short / w), short)
+            )
+            img = np.asarray(Image.fromarray(img).resize((nw, nh), Image.BICUBIC))
+            t, left = (nh - self.size) // 2, (nw - self.size) // 2
+            img = img[t : t + self.size, left : left + self.size]
+        return {**r, "image": np.ascontiguousarray(img)}
+
+
+# ---- loaders ---------------------------------------------------------------------------------
+def make_source(cfg, split: str):
+    d = cfg.data
+    if d.name == "digits":
+        return DigitsSource(
+            split, size=d.get("source_size", cfg.img_size), seed=d.get("split_seed", 0)
+        )
+    return FolderSource(os.path.join(d.root, d.get(f"{split}_dir", split)))
+
+
+def train_loader(cfg, source, process_index: int, process_count: int, seed: int):
+    """Endless shuffled loader of per-process batches of ``batch_size // process_count``."""
+    local_batch = cfg.batch_size // process_count
+    d = cfg.data
+    scale = None if d.get("aug", "rrc_flip") == "none" else tuple(d.get("rrc_scale", (0.08, 1.0)))
+    flip = 0.0 if scale is None else d.get("hflip", 0.5)
+    sampler = grain.IndexSampler(
+        num_records=len(source),
+        shard_options=grain.ShardOptions(process_index, process_count, drop_remainder=True),
+        shuffle=True,
+        num_epochs=None,
+        seed=seed,
+    )
+    ops = [Decode(), TrainAugment(cfg.img_size, scale=scale, flip=flip)]
+    ops.append(grain.Batch(local_batch, drop_remainder=True))
+    return grain.DataLoader(
+        data_source=source, sampler=sampler, operations=ops, worker_count=d.get("workers", 0)
+    )
+
+
+def eval_batches(cfg, source, process_index: int, process_count: int):
+    """Yields per-process batches covering every record exactly once (padding has valid=0)."""
+    local_batch = cfg.eval_batch_size // process_count
+    n = len(source)
+    num_batches = math.ceil(n / (local_batch * process_count))
+    tf = EvalTransform(cfg.img_size, cfg.data.get("crop_pct", 0.875))
+    decode = Decode()
+    ds = grain.MapDataset.range(num_batches * local_batch * process_count)
+    ds = ds[process_index::process_count]
+
+    def load(i):
+        if i < n:
+            return tf.map(decode.map(source[i]))
+        return {
+            "image": np.zeros((cfg.img_size, cfg.img_size, 3), np.uint8),
+            "label": np.int32(0),
+            "valid": np.int32(0),
+        }
+
+    ds = ds.map(load).batch(local_batch, drop_remainder=True)
+    workers = cfg.data.get("workers", 0)
+    it = ds.to_iter_dataset()
+    if workers:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    yield from it
+
+
+def normalize(images):
+    """uint8 (B, H, W, 3) -> float32 normalised with the ImageNet mean/std (on device)."""
+    import jax.numpy as jnp
+
+    return (images.astype(jnp.float32) - MEAN) / STD

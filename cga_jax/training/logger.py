@@ -1,0 +1,73 @@
+"""Process-0 logging: JSONL, tensorboardX scalars, and a PNG of the curves at the end."""
+
+from __future__ import annotations
+
+import json
+import os
+
+
+class Logger:
+    def __init__(self, workdir: str, enabled: bool):
+        self.enabled = enabled
+        self.path = os.path.join(workdir, "log.jsonl")
+        self.tb = None
+        if enabled:
+            os.makedirs(workdir, exist_ok=True)
+            try:
+                from tensorboardX import SummaryWriter
+
+                self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+            except ImportError:  # optional
+                self.tb = None
+
+    def write(self, step: int, **scalars) -> None:
+        if not self.enabled:
+            return
+        rec = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, float(v), step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_log(path: str) -> list[dict]:
+    """Records of a JSONL log; a step logged twice (re-run after a resume) keeps the last."""
+    by_key: dict[tuple, dict] = {}
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                r = json.loads(line)
+                by_key[(r["step"], tuple(sorted(r)))] = r
+    return sorted(by_key.values(), key=lambda r: r["step"])
+
+
+def plot_curves(log_path: str, png_path: str) -> str:
+    """Train loss, validation top-1 (model and EMA) and lr against step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = read_log(log_path)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, keys, title in (
+        (axes[0], ("train_loss",), "loss"),
+        (axes[1], ("val_top1", "val_top1_ema"), "top-1 (%)"),
+        (axes[2], ("lr",), "learning rate"),
+    ):
+        for k in keys:
+            pts = [(r["step"], r[k]) for r in recs if k in r]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), label=k, marker="." if len(pts) < 30 else None)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return png_path

@@ -1,0 +1,26 @@
+"""Fine-tune converted weights on your own folder dataset (new classifier head).
+
+    python train.py --config configs/finetune.py:m0 --workdir /ckpt/ft \
+        --config.model.pretrained=efficientvit_m0.pth --config.data.root=/data/mydata
+
+``root/train/<class>/*`` and ``root/val/<class>/*``. The authors' advice for downstream
+classification: AdamW, lr 1e-3, weight decay 1e-8, batch 256, otherwise the ImageNet recipe.
+"""
+
+from __future__ import annotations
+
+from configs.common import imagenet_recipe
+
+
+def get_config(arg: str = "m0"):
+    c = imagenet_recipe()
+    c.model.name = f"efficientvit_{arg}"
+    c.model.pretrained = ""  # path to a checkpoint create_model can load
+    c.model.num_classes = 0  # 0: number of class folders
+    c.batch_size = 256
+    c.eval_batch_size = 256
+    c.optim.lr = 1e-3 * 512 / 256  # so that lr * batch / 512 == 1e-3
+    c.optim.weight_decay = 1e-8
+    c.optim.epochs = 100
+    c.eval_every = 500
+    return c
