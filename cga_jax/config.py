@@ -98,7 +98,8 @@ class EfficientViTConfig:
     @property
     def attn_ratio(self) -> tuple[float, ...]:
         return tuple(
-            ed / (kd * nh) for ed, kd, nh in zip(self.embed_dim, self.key_dim, self.num_heads, strict=False)
+            ed / (kd * nh)
+            for ed, kd, nh in zip(self.embed_dim, self.key_dim, self.num_heads, strict=False)
         )
 
     def stage_resolutions(self) -> tuple[int, ...]:

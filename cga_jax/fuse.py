@@ -39,7 +39,7 @@ def fuse_bn(model: nnx.Module) -> nnx.Module:
     """
     fused = nnx.merge(*nnx.split(model))  # new Variables; arrays are immutable and shared
     fused.eval()
-    for _, m in list(fused.iter_modules()):
+    for _, m in list(nnx.iter_modules(fused)):
         if isinstance(m, ConvNorm) and m.bn is not None:
             _fuse_conv_norm(m)
         elif isinstance(m, NormLinear) and m.bn is not None:

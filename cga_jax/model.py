@@ -203,7 +203,8 @@ class EfficientViT(nnx.Module):
             cfg.depth,
             cfg.num_heads,
             cfg.window_size,
-            cfg.down_ops, strict=False,
+            cfg.down_ops,
+            strict=False,
         ):
             stage = EfficientVitStage(
                 prev,

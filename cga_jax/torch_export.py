@@ -17,7 +17,7 @@ def buffers_for(model: nnx.Module, num_batches_tracked: int | Mapping[str, int] 
     from cga_jax.attention import CascadedGroupAttention, attention_bias_index
 
     out: dict[str, np.ndarray] = {}
-    for path, m in model.iter_modules():
+    for path, m in nnx.iter_modules(model):
         name = ".".join(str(p) for p in path)
         if isinstance(m, CascadedGroupAttention):
             out[f"{name}.attention_bias_idxs"] = attention_bias_index(m.resolution).astype(np.int64)
