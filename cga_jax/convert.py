@@ -101,20 +101,38 @@ def convert(
     Raises :class:`CheckpointError` (one message naming every problem) and writes nothing.
     """
     from cga_jax.loading import load_pretrained, state_dict_to_timm
-    from cga_jax.registry import create_model
+    from cga_jax.registry import create_model, get_config
     from cga_jax.weights import read_state_dict
 
+    try:
+        get_config(model_name)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
     parent = _check_writable(out)
     path = resolve_source(src, cache_dir)
     sd, _ = read_state_dict(path)
     timm_sd, layout = state_dict_to_timm(sd)
     nbt = {k: int(v) for k, v in timm_sd.items() if k.endswith("num_batches_tracked")}
     head = timm_sd.get("head.linear.weight")
+    from cga_jax.variants import guess_variant
+
+    guess = guess_variant(timm_sd)
+    base = model_name.partition(".")[0]
+    if guess is not None and guess != base:
+        raise CheckpointError(
+            f"{path}: this checkpoint looks like {guess} (its shapes match {guess} exactly), not "
+            f"{model_name}; pass --model {guess}"
+        )
     try:
         model = create_model(model_name, num_classes=num_classes, img_size=img_size)
     except ValueError as e:
         raise CheckpointError(str(e)) from None
-    if num_classes is None and head is not None and head.shape[0] != model.num_classes:
+    if (
+        num_classes is None
+        and head is not None
+        and head.shape[0] != model.num_classes
+        and (guess == base)
+    ):
         raise CheckpointError(
             f"{path}: the checkpoint's classifier has {head.shape[0]} classes, {model_name} has "
             f"{model.num_classes}; pass --num-classes N to drop the classifier (fine-tuning)"

@@ -192,6 +192,7 @@ def _bad_cases(fixtures_dir, tmp_path):
     orig = torch.load(fixtures_dir / f"{TINY}.pth", weights_only=True)["model"]
     m0 = fixtures_dir / "official_m0.pth"
     cases = {}
+    tmp_path.mkdir(parents=True, exist_ok=True)
 
     def save(name, obj):
         p = tmp_path / name
@@ -243,7 +244,7 @@ def _bad_cases(fixtures_dir, tmp_path):
         "efficientvit_m0",
         fixtures_dir / f"{TINY}.pth",
         {},
-        "looks like",
+        "does not fit",
     )  # tiny backbone: variant + head both wrong
     head = dict(sd)
     head["head.l.weight"] = torch.zeros(10, 192)
@@ -331,7 +332,7 @@ def test_download_paths_offline(fixtures_dir, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     p = cv.resolve_source(src.as_uri(), str(cache))
     assert os.path.exists(p) and open(p, "rb").read() == src.read_bytes()
-    monkeypatch.setattr(cv, "OFFICIAL_URL", (fixtures_dir / "official_{name}.pth").as_uri())
+    monkeypatch.setattr(cv, "OFFICIAL_URL", fixtures_dir.as_uri() + "/official_{name}.pth")
     assert cv.resolve_source("official:m0", str(tmp_path / "c2")).endswith("official_m0.pth")
     assert [f for f in os.listdir(cache) if f.startswith(".part")] == []
 
