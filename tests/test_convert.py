@@ -97,17 +97,13 @@ def _assert_bitwise(orig: dict, back: dict):
 
 def test_round_trip_official(fixtures_dir, tmp_path):
     orig = torch.load(fixtures_dir / f"{TINY}.pth", weights_only=True)["model"]
-    out = tmp_path / "conv"
     z = np.load(fixtures_dir / f"{TINY}.npz", allow_pickle=False)
     cfg = cga_jax.EfficientViTConfig(**ast.literal_eval(str(z["config"])))
     # convert through the library with a custom config: load the converted dir back
     model = cga_jax.EfficientViT(cfg, rngs=nnx.Rngs(1))
     load_pretrained(model, fixtures_dir / f"{TINY}.pth")
-    from cga_jax.convert import _flax_flat  # noqa: F401 (converted format exercised below)
-
     sd_back = cga_jax.export_torch(model, "official", _nbt(orig))
     _assert_bitwise(orig, sd_back)
-    del out
 
 
 def _nbt(orig_official) -> dict:
