@@ -5,6 +5,7 @@ from cga_jax.config import VARIANTS, EfficientViTConfig
 from cga_jax.fuse import fuse_bn
 from cga_jax.model import EfficientViT
 from cga_jax.registry import create_model, get_config, list_models
+from cga_jax.torch_export import export_torch
 from cga_jax.weights import CheckpointError
 
 __version__ = "0.1.0"
@@ -18,6 +19,7 @@ __all__ = [
     "LocalWindowAttention",
     "attention_bias_index",
     "create_model",
+    "export_torch",
     "fuse_bn",
     "get_config",
     "list_models",

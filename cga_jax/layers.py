@@ -234,8 +234,9 @@ class ConvNorm(nnx.Module):
         self.bn = BatchNorm(out_chs, scale_init=bn_weight_init)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        """x: (B, H, W, in_chs) -> (B, H', W', out_chs)."""
-        return self.bn(self.conv(x))
+        """x: (B, H, W, in_chs) -> (B, H', W', out_chs). After BN folding ``bn`` is None."""
+        y = self.conv(x)
+        return y if self.bn is None else self.bn(y)
 
 
 class NormLinear(nnx.Module):
@@ -247,8 +248,9 @@ class NormLinear(nnx.Module):
         self.linear = Linear(in_features, out_features, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        """x: (B, in) -> (B, out)."""
-        x = self.bn(x)
+        """x: (B, in) -> (B, out). After BN folding ``bn`` is None."""
+        if self.bn is not None:
+            x = self.bn(x)
         if self.drop is not None:
             x = self.drop(x)
         return self.linear(x)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-from flax import nnx
+from flax import nnx, traverse_util
 
 from cga_jax.config import VARIANTS
 
@@ -13,12 +13,17 @@ from cga_jax.config import VARIANTS
 @functools.cache
 def _signature(name: str) -> frozenset:
     from cga_jax.model import EfficientViT
-    from cga_jax.weights import to_timm_state_dict
+    from cga_jax.weights import path_to_timm_key
 
     cfg = VARIANTS[name].replace(num_classes=0)
     model = nnx.eval_shape(lambda: EfficientViT(cfg, rngs=nnx.Rngs(0)))
-    sd = to_timm_state_dict(model)
-    return frozenset((k, tuple(v.shape)) for k, v in sd.items())
+    pure = nnx.to_pure_dict(nnx.state(model, (nnx.Param, nnx.BatchStat)))
+    out = []
+    for path, leaf in traverse_util.flatten_dict(pure).items():
+        # abstract leaves (ShapeDtypeStruct): a zero-strided stand-in of the right shape
+        key, v = path_to_timm_key(path, np.broadcast_to(np.float32(0), leaf.shape))
+        out.append((key, tuple(v.shape)))
+    return frozenset(out)
 
 
 def guess_variant(sd: dict) -> str | None:
