@@ -10,6 +10,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from train_helpers import TINY_MODEL
 
 from cga_jax import EfficientViT, EfficientViTConfig
 from cga_jax.training.mixup import mix_batch, smooth_one_hot, soft_cross_entropy
@@ -24,16 +25,7 @@ from cga_jax.training.optim import (
 )
 from cga_jax.training.schedule import cosine_with_warmup
 
-TINY = EfficientViTConfig(
-    img_size=32,
-    embed_dim=(16, 24, 32),
-    key_dim=(4, 4, 4),
-    depth=(1, 1, 1),
-    num_heads=(2, 2, 2),
-    window_size=(2, 2, 2),
-    kernels=(3, 3),
-    num_classes=10,
-)
+TINY = EfficientViTConfig(img_size=32, **TINY_MODEL)
 
 
 def tiny_params():
