@@ -8,7 +8,6 @@ import pytest
 from flax import nnx
 
 import cga_jax
-from cga_jax.weights import load_timm_state_dict
 
 torch_ref = pytest.importorskip("torch_ref")  # skips the module when torch/timm are absent
 from utils import assert_logits_close  # noqa: E402
@@ -20,17 +19,9 @@ def _forward(model, x):
     return nnx.jit(lambda m, v: m(v))(model, jnp.asarray(x))
 
 
-def _pair(name: str, seed: int = 0, **kwargs):
-    tm = torch_ref.make_timm(name, seed=seed, **kwargs)
-    jm = cga_jax.create_model(name, **kwargs)
-    load_timm_state_dict(jm, torch_ref.state_dict_np(tm))
-    jm.eval()
-    return tm, jm
-
-
 @pytest.mark.parametrize("name", VARIANTS)
 def test_eval_logits_224(name):
-    tm, jm = _pair(name, seed=VARIANTS.index(name))
+    tm, jm = torch_ref.timm_and_cga_pair(name, seed=VARIANTS.index(name))
     x = np.random.RandomState(1).randn(2, 224, 224, 3).astype(np.float32)
     ref = torch_ref.run_nchw(tm, x)
     assert np.abs(ref).max() > 1.0  # well scaled, not degenerate
@@ -40,7 +31,7 @@ def test_eval_logits_224(name):
 def test_jit_and_eager_agree():
     """Both paths meet the parity bar against timm, and so agree with each other within it
     (XLA fuses differently under jit, so they are not bitwise equal)."""
-    tm, jm = _pair("efficientvit_m0")
+    tm, jm = torch_ref.timm_and_cga_pair("efficientvit_m0")
     x = np.random.RandomState(2).randn(1, 224, 224, 3).astype(np.float32)
     ref = torch_ref.run_nchw(tm, x)
     eager = np.asarray(jm(jnp.asarray(x)))
@@ -61,7 +52,7 @@ def test_jit_and_eager_agree():
     ],
 )
 def test_other_sizes(name, img_size, input_hw):
-    tm, jm = _pair(name, img_size=img_size)
+    tm, jm = torch_ref.timm_and_cga_pair(name, img_size=img_size)
     x = np.random.RandomState(3).randn(2, *input_hw, 3).astype(np.float32)
     ref = torch_ref.run_nchw(tm, x)
     assert_logits_close(_forward(jm, x), ref, f"{name}@{img_size} on {input_hw}")
@@ -80,7 +71,7 @@ def test_param_count(name):
 
 def test_state_dict_roundtrip_keys():
     """Every timm state-dict entry maps onto a cga_jax leaf and back to the same key and array."""
-    tm, jm = _pair("efficientvit_m1")
+    tm, jm = torch_ref.timm_and_cga_pair("efficientvit_m1")
     ref = {
         k: v
         for k, v in torch_ref.state_dict_np(tm).items()

@@ -10,20 +10,11 @@ from plugin_helpers import randomize_nnx
 
 import cga_jax
 from cga_jax.features import feature_take_indices
-from cga_jax.weights import load_timm_state_dict
 
 torch_ref = pytest.importorskip("torch_ref")  # skips the module when torch/timm are absent
 from utils import assert_logits_close  # noqa: E402
 
 torch = torch_ref.torch
-
-
-def _pair(name: str, seed: int = 0, **kwargs):
-    tm = torch_ref.make_timm(name, seed=seed, **kwargs)
-    jm = cga_jax.create_model(name, **kwargs)
-    load_timm_state_dict(jm, torch_ref.state_dict_np(tm))
-    jm.eval()
-    return tm, jm
 
 
 def _nhwc(t) -> np.ndarray:
@@ -38,7 +29,7 @@ def _nhwc(t) -> np.ndarray:
     ],
 )
 def test_forward_intermediates_matches_timm(name, hw):
-    tm, jm = _pair(name, seed=3)
+    tm, jm = torch_ref.timm_and_cga_pair(name, seed=3)
     x = np.random.RandomState(0).randn(2, *hw, 3).astype(np.float32)
     xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
     with torch.no_grad():
@@ -102,7 +93,7 @@ def test_indices_semantics():
 
 def test_set_input_size_matches_timm():
     """Loaded at 224, resized to 288 then 160 (each from the current tables, as timm)."""
-    tm, jm = _pair("efficientvit_m0", seed=5)
+    tm, jm = torch_ref.timm_and_cga_pair("efficientvit_m0", seed=5)
     assert [s.blocks[0].mixer.m.attn.resolution for s in jm.stages] == [7, 7, 4]
     f = nnx.jit(lambda m, v: m(v))
     for size, windows in ((288, [7, 7, 5]), (160, [7, 5, 3])):

@@ -107,3 +107,15 @@ def train_grads(model: nn.Module, x_nchw: np.ndarray, r: np.ndarray, dtype=None)
     (y * torch.from_numpy(r).to(dtype)).sum().backward()
     grads = {k: p.grad.double().numpy() for k, p in model.named_parameters() if p.grad is not None}
     return y.detach().double().numpy(), x.grad.double().numpy(), grads
+
+
+def timm_and_cga_pair(name: str, seed: int = 0, **kwargs):
+    """A randomised, calibrated timm model and a cga_jax model with the same weights, both eval."""
+    import cga_jax
+    from cga_jax.weights import load_timm_state_dict
+
+    tm = make_timm(name, seed=seed, **kwargs)
+    jm = cga_jax.create_model(name, **kwargs)
+    load_timm_state_dict(jm, state_dict_np(tm))
+    jm.eval()
+    return tm, jm
