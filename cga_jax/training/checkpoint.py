@@ -12,6 +12,7 @@ import os
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 
 def make_manager(directory: str, keep: int) -> ocp.CheckpointManager:
@@ -34,9 +35,10 @@ def save(mngr: ocp.CheckpointManager, step: int, state, data_state: bytes | None
 def restore(mngr: ocp.CheckpointManager, step: int, like_state):
     """-> (state with ``like_state``'s shardings, data iterator state bytes or None, meta)."""
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like_state)
-    items = mngr.item_metadata(step)
     args = {"state": ocp.args.StandardRestore(abstract), "meta": ocp.args.JsonRestore()}
-    has_data = items is not None and "data" in items.keys() and items["data"] is not None
+    # ``item_metadata`` reports JSON items as None without a handler registry, so look on disk
+    # (this check once hid the data state: resumed runs restarted the data stream from zero).
+    has_data = (epath.Path(mngr.directory) / str(step) / "data").is_dir()
     if has_data:
         args["data"] = ocp.args.JsonRestore()
     out = mngr.restore(step, args=ocp.args.Composite(**args))

@@ -44,6 +44,10 @@ class DigitsSource(grain.RandomAccessDataSource):
         )[..., None].repeat(3, axis=-1)
         self.labels = d.target[idx].astype(np.int32)
         self.num_classes = 10
+        self._desc = f"DigitsSource({split!r}, size={size}, n={len(idx)}, seed={seed})"
+
+    def __repr__(self) -> str:  # Grain compares it when a checkpointed iterator is restored
+        return self._desc
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -68,6 +72,10 @@ class FolderSource(grain.RandomAccessDataSource):
             if f.suffix.lower() in IMAGE_EXTS
         ]
         self.num_classes = len(self.classes)
+
+    def __repr__(self) -> str:
+        # Grain checks this on resume; no path, so a dataset moved to another disk still resumes
+        return f"FolderSource({len(self.samples)} images, {self.num_classes} classes)"
 
     def __len__(self) -> int:
         return len(self.samples)
