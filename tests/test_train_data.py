@@ -66,3 +66,41 @@ def test_eval_covers_every_image_once():
             assert b["image"].shape == (4, 16, 16, 3)
             seen += [int(v) for v in b["valid"]]
     assert sum(seen) == 37 and len(seen) % 8 == 0
+
+
+def test_tar_shards_read_like_the_folder(folder, tmp_path):
+    """The same images in two tar shards: same classes, same decoded pixels, the same bad files
+    skipped; the source survives pickling (Grain worker processes)."""
+    import pickle
+    import tarfile
+
+    from cga_jax.training.tar_source import TarSource
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    for k, part in enumerate((files[:3], files[3:])):
+        with tarfile.open(shards / f"train-{k:04d}.tar", "w") as tf:
+            tf.add(folder / "a", arcname="a", recursive=False)  # a directory member: skipped
+            for f in part:
+                tf.add(f, arcname=f"{f.parent.name}/{f.name}")
+    (shards / "notes.txt").write_text("not a shard")
+    src, ref = TarSource(shards), data_lib.FolderSource(folder)
+    assert src.classes == ref.classes and len(src) == len(ref) == 6
+    dec = data_lib.Decode()
+    got = sorted(
+        (int(r["label"]), int(r["valid"]), r["image"].tobytes())
+        for r in (dec.map(pickle.loads(pickle.dumps(src))[i]) for i in range(len(src)))
+    )
+    want = sorted(
+        (int(r["label"]), int(r["valid"]), r["image"].tobytes())
+        for r in (dec.map(ref[i]) for i in range(len(ref)))
+    )
+    assert got == want and sum(v for _, v, _ in got) == 4
+    with pytest.raises(FileNotFoundError, match="no .tar shards"):
+        TarSource(tmp_path / "nowhere")
+    bad = tmp_path / "gz.tar"
+    with tarfile.open(bad, "w:gz") as tf:
+        tf.add(folder / "a/rgb.png", arcname="a/rgb.png")
+    with pytest.raises(ValueError, match="not an uncompressed tar"):
+        TarSource(bad)

@@ -13,6 +13,7 @@ the last batch is padded with ``valid=0`` records (the same number of batches on
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import pathlib
@@ -85,8 +86,9 @@ class FolderSource(grain.RandomAccessDataSource):
         return {"path": path, "label": np.int32(label)}
 
 
-def decode_image(path: str) -> np.ndarray | None:
-    """File -> uint8 (H, W, 3) RGB, or None when the file cannot be decoded in full."""
+def decode_image(path) -> np.ndarray | None:
+    """File (path or file object) -> uint8 (H, W, 3) RGB, or None when it cannot be decoded in
+    full."""
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
         with warnings.catch_warnings():
@@ -104,7 +106,7 @@ class Decode(grain.MapTransform):
     def map(self, r):
         if "image" in r:
             return {"image": r["image"], "label": r["label"], "valid": np.int32(1)}
-        img = decode_image(r["path"])
+        img = decode_image(io.BytesIO(r["bytes"]) if "bytes" in r else r["path"])
         if img is None:
             return {
                 "image": np.zeros((8, 8, 3), np.uint8),
@@ -185,7 +187,12 @@ def make_source(cfg, split: str):
         return DigitsSource(
             split, size=d.get("source_size", cfg.img_size), seed=d.get("split_seed", 0)
         )
-    return FolderSource(os.path.join(d.root, d.get(f"{split}_dir", split)))
+    path = os.path.join(d.root, d.get(f"{split}_dir", split))
+    if d.name == "tar" or path.endswith(".tar"):
+        from cga_jax.training.tar_source import TarSource
+
+        return TarSource(path)
+    return FolderSource(path)
 
 
 def train_loader(cfg, source, process_index: int, process_count: int, seed: int):

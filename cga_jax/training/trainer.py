@@ -4,9 +4,8 @@ State is a plain pytree ``{"params", "batch_stats", "opt_state", "ema", "step", 
 (replicated); the model graph is split once and merged inside the jitted step. Batches are
 per-process numpy arrays turned into global arrays sharded over the ``data`` axis, so BN
 statistics cover the global batch. Step randomness (mixup/cutmix) is ``fold_in(rng, step)`` and the
-Grain iterator state is checkpointed, so a resumed run is meant to repeat an uninterrupted one step
-for step (known defect: the first step after a resume still differs slightly; see
-``tests/test_train_run.py::test_kill9_resume_is_bit_exact``).
+Grain iterator state is checkpointed, so a resumed run repeats an uninterrupted one step for step,
+bit for bit on CPU (``tests/test_train_run.py``: kill -9, kill during a checkpoint write, SIGTERM).
 """
 
 from __future__ import annotations
