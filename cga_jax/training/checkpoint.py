@@ -15,8 +15,11 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 
-def make_manager(directory: str, keep: int) -> ocp.CheckpointManager:
+def make_manager(directory: str, keep: int, name: str = "run") -> ocp.CheckpointManager:
+    """``name`` keys the cross-process barriers: two managers saving the same step at once (the
+    latest and the best) would otherwise collide on multi-host runs."""
     opts = ocp.CheckpointManagerOptions(
+        multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name),
         max_to_keep=keep,
         create=True,
         enable_async_checkpointing=True,

@@ -161,7 +161,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
     loader = data_lib.train_loader(cfg, train_src, pid, nproc, seed=cfg.seed)
     it = iter(loader)
     mngr = ckpt.make_manager(os.path.join(workdir, "checkpoints"), cfg.keep_checkpoints)
-    best_mngr = ckpt.make_manager(os.path.join(workdir, "best"), 1)
+    best_mngr = ckpt.make_manager(os.path.join(workdir, "best"), 1, name="best")
     best = -1.0
     start = 0
     if mngr.latest_step() is not None:
