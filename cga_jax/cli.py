@@ -125,7 +125,9 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
 
 def _run_eval(a: argparse.Namespace) -> int:
     from cga_jax.evaluate import evaluate
+    from cga_jax.preprocess import list_image_folder
 
+    list_image_folder(a.data)  # a missing / empty folder fails before the model is built
     model = _load_model_strict(a)
     r = evaluate(
         model,
