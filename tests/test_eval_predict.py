@@ -286,3 +286,17 @@ def test_cli_predict(folder, variant, capsys, tmp_path):
     names.write_text("a\nb\n")
     assert main([*argv, "--class-names", str(names), imgs[0]]) == 2
     assert "2 names for a model with 10 classes" in capsys.readouterr().err
+
+
+def test_folder_labels():
+    """Folders named by ImageNet synsets take their ImageNet-1k index with a 1000-class model
+    (a subset of the validation classes scores correctly); otherwise the sorted position."""
+    from cga_jax.classes import imagenet_synsets
+    from cga_jax.evaluate import folder_labels
+
+    syn = imagenet_synsets()
+    assert folder_labels([syn[5], syn[900]], 1000) == [5, 900]
+    assert folder_labels([syn[5], syn[900]], 10) == [0, 1]
+    assert folder_labels(["ant", "bee"], 1000) == [0, 1]
+    with pytest.raises(ValueError, match="3 class folders but the model has 2"):
+        folder_labels(["a", "b", "c"], 2)
