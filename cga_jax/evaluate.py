@@ -6,6 +6,8 @@ sharded along a one-axis mesh, the weights replicated). The batch size is rounde
 multiple of the device count and the last batch is padded; padded slots are masked out, so every
 image is counted exactly once. Unreadable (corrupt, truncated, empty) files are skipped: they
 count in neither the accuracy nor the loss, and are reported (``skipped``, ``skipped_files``).
+One process (all of its local devices); in a multi-host job each process would evaluate the whole
+folder on its own devices.
 """
 
 from __future__ import annotations
