@@ -30,6 +30,15 @@ def timm_file(tmp_path_factory) -> str:
     return path
 
 
+@pytest.fixture(autouse=True)
+def _no_variant_guess(monkeypatch):
+    """convert() guesses the variant by building every registered one (slow on a loaded CPU);
+    the guess is tested in test_convert.py, not here."""
+    import cga_jax.variants
+
+    monkeypatch.setattr(cga_jax.variants, "guess_variant", lambda sd: None)
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _forward(graphdef, state, x):
     return nnx.merge(graphdef, state)(x)
