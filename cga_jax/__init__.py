@@ -1,6 +1,7 @@
 """cga_jax: EfficientViT (MSRA, CVPR 2023) with Cascaded Group Attention in JAX / Flax NNX."""
 
 from cga_jax.attention import CascadedGroupAttention, LocalWindowAttention, attention_bias_index
+from cga_jax.classes import imagenet_class_names
 from cga_jax.config import VARIANTS, EfficientViTConfig
 from cga_jax.fuse import fuse_bn
 from cga_jax.model import EfficientViT
@@ -22,6 +23,7 @@ __all__ = [
     "export_torch",
     "fuse_bn",
     "get_config",
+    "imagenet_class_names",
     "list_models",
 ]
 from cga_jax import loading, weights  # noqa: E402,F401

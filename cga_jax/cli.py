@@ -24,12 +24,21 @@ def _add_convert(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--num-classes", type=int, default=None, help="new classifier size (drops head)")
     p.add_argument("--img-size", type=int, default=None, help="resize attention-bias tables")
+    p.add_argument(
+        "--format",
+        choices=("safetensors", "orbax", "both"),
+        default="safetensors",
+        help="weights as model.safetensors (default), an Orbax checkpoint (orbax/) or both",
+    )
 
 
 def _run_convert(a: argparse.Namespace) -> int:
     from cga_jax.convert import convert
 
-    for note in convert(a.model, a.src, a.out, num_classes=a.num_classes, img_size=a.img_size):
+    notes = convert(
+        a.model, a.src, a.out, num_classes=a.num_classes, img_size=a.img_size, fmt=a.format
+    )
+    for note in notes:
         print(f"note: {note}", file=sys.stderr)
     print(f"wrote {a.out}")
     return 0
@@ -106,10 +115,120 @@ def _load_model(name: str, weights: str | None, img_size: int | None = None):
     return model
 
 
+def _add_eval(p: argparse.ArgumentParser) -> None:
+    _add_model_args(p)
+    p.add_argument("--data", required=True, help="image folder: DIR/<class>/<image>")
+    p.add_argument("--batch-size", type=int, default=256, help="global batch (all devices)")
+    p.add_argument("--workers", type=int, default=None, help="decoding threads (0: inline)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _run_eval(a: argparse.Namespace) -> int:
+    from cga_jax.evaluate import evaluate
+    from cga_jax.preprocess import list_image_folder
+
+    list_image_folder(a.data)  # a missing / empty folder fails before the model is built
+    model = _load_model_strict(a)
+    r = evaluate(
+        model,
+        a.data,
+        batch_size=a.batch_size,
+        img_size=a.img_size,
+        crop_pct=a.crop_pct,
+        workers=a.workers,
+        progress=not a.no_progress,
+    )
+    for path in r["skipped_files"][:20]:
+        print(f"skipped (unreadable): {path}", file=sys.stderr)
+    if r["skipped"] > 20:
+        print(f"... and {r['skipped'] - 20} more unreadable files", file=sys.stderr)
+    print(
+        f"images: {r['images']} ({r['classes']} classes; {r['skipped']} unreadable skipped)\n"
+        f"top-1: {r['top1']:.3f}%\ntop-5: {r['top5']:.3f}%\nloss: {r['loss']:.4f}"
+    )
+    return 0
+
+
+def _add_predict(p: argparse.ArgumentParser) -> None:
+    _add_model_args(p)
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--class-names", default=None, help="file with one class name per line")
+
+
+def _run_predict(a: argparse.Namespace) -> int:
+    from cga_jax.classes import imagenet_class_names, read_class_names
+    from cga_jax.predict import predict
+
+    model = _load_model_strict(a)
+    names = None
+    if a.class_names:
+        names = read_class_names(a.class_names)
+        if len(names) != model.num_classes:
+            raise ValueError(
+                f"{a.class_names}: {len(names)} names for a model with {model.num_classes} classes"
+            )
+    elif model.num_classes == 1000:
+        names = imagenet_class_names()
+    preds = predict(model, a.images, topk=a.topk, img_size=a.img_size, crop_pct=a.crop_pct)
+    rc = 0
+    for path, pred in zip(a.images, preds, strict=True):
+        if pred is None:
+            print(f"error: {path}: cannot read the image", file=sys.stderr)
+            rc = 2
+            continue
+        print(path)
+        for idx, prob in pred:
+            print(f"  {prob:7.2%}  {idx:4d}  {names[idx] if names else f'class {idx}'}")
+    return rc
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="e.g. efficientvit_m0")
+    p.add_argument(
+        "--weights", required=True, help="a `cga-jax convert` directory or a checkpoint file"
+    )
+    p.add_argument(
+        "--num-classes",
+        type=int,
+        default=None,
+        help="classifier size (default: from the converted directory, else the model's)",
+    )
+    p.add_argument("--img-size", type=int, default=None, help="crop size (default: the model's)")
+    p.add_argument("--crop-pct", type=float, default=0.875, help="resize to img_size/crop_pct")
+
+
+def _load_model_strict(a: argparse.Namespace):
+    """The model with ``a.weights`` loaded strictly (a classifier of another size is an error,
+    not re-initialised); num_classes / img_size default to a converted directory's config."""
+    import json
+    import os
+
+    from cga_jax.loading import load_pretrained
+    from cga_jax.registry import create_model
+
+    cfg = {}
+    meta = os.path.join(a.weights, "config.json")
+    if os.path.isfile(meta):
+        with open(meta) as f:
+            cfg = json.load(f).get("config", {})
+    a.num_classes = a.num_classes or cfg.get("num_classes")
+    a.img_size = a.img_size or cfg.get("img_size")
+    try:
+        model = create_model(a.model, num_classes=a.num_classes, img_size=a.img_size)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    for note in load_pretrained(model, a.weights):
+        print(f"note: {note}", file=sys.stderr)
+    return model
+
+
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "convert": ("PyTorch (official/timm) checkpoint -> cga_jax", _add_convert, _run_convert),
     "export-torch": ("cga_jax weights -> PyTorch state dict", _add_export_torch, _run_export_torch),
     "export": ("jax.export serving artifact (StableHLO)", _add_export, _run_export),
+    "eval": ("top-1/top-5/loss on an ImageNet-style folder", _add_eval, _run_eval),
+    "predict": ("top-k classes of image files", _add_predict, _run_predict),
 }
 
 
@@ -121,7 +240,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return COMMANDS[args.command][2](args)
-    except CheckpointError as e:
+    except (CheckpointError, FileNotFoundError, NotADirectoryError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        if args.command not in ("eval", "predict"):
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -1,7 +1,8 @@
 """Convert official / timm PyTorch checkpoints to a cga_jax checkpoint directory.
 
-Output directory: ``model.safetensors`` (the Flax state, keys are dotted Flax paths, float32) and
-``config.json`` (model name, :class:`EfficientViTConfig` fields, source, notes, and the PyTorch
+Output directory: ``model.safetensors`` (the Flax state, keys are dotted Flax paths, float32)
+and/or ``orbax/`` (the same state as an Orbax checkpoint of a nested dict, keys = path parts;
+``fmt='orbax'`` or ``'both'``), and ``config.json`` (model name, :class:`EfficientViTConfig` fields, source, notes, and the PyTorch
 ``num_batches_tracked`` values so that :func:`cga_jax.export_torch` gives the file back bitwise).
 Everything is written to a temporary directory next to ``out`` and renamed at the end: on any
 error nothing is left behind.
@@ -26,6 +27,8 @@ OFFICIAL_URL = (
     "https://github.com/xinyuliu-jeffrey/EfficientVit_Model_Zoo/releases/download/v1.0/{name}.pth"
 )
 CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "cga_jax")
+FORMATS = ("safetensors", "orbax", "both")
+ORBAX_DIR = "orbax"
 
 
 def download(url: str, cache_dir: str = CACHE_DIR) -> str:
@@ -95,11 +98,15 @@ def convert(
     num_classes: int | None = None,
     img_size: int | None = None,
     cache_dir: str = CACHE_DIR,
+    fmt: str = "safetensors",
 ) -> list[str]:
     """Convert ``src`` for ``model_name`` into the directory ``out``; returns notes.
 
+    ``fmt``: ``'safetensors'`` (``model.safetensors``), ``'orbax'`` (``orbax/``) or ``'both'``.
     Raises :class:`CheckpointError` (one message naming every problem) and writes nothing.
     """
+    if fmt not in FORMATS:
+        raise CheckpointError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     from cga_jax.loading import load_pretrained, state_dict_to_timm
     from cga_jax.registry import create_model, get_config
     from cga_jax.weights import read_state_dict
@@ -145,12 +152,17 @@ def convert(
         "source_layout": layout,
         "num_batches_tracked": nbt,
         "notes": notes,
+        "format": fmt,
     }
     from safetensors.numpy import save_file
 
     tmp = tempfile.mkdtemp(dir=parent, prefix=".cga-convert-")
     try:
-        save_file(_flax_flat(model), os.path.join(tmp, "model.safetensors"))
+        flat = _flax_flat(model)
+        if fmt in ("safetensors", "both"):
+            save_file(flat, os.path.join(tmp, "model.safetensors"))
+        if fmt in ("orbax", "both"):
+            save_orbax(flat, os.path.join(tmp, ORBAX_DIR))
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(meta, f, indent=1)
         if os.path.isdir(out):
@@ -162,15 +174,61 @@ def convert(
     return notes
 
 
+def save_orbax(flat: dict[str, np.ndarray], path: str) -> None:
+    """Write ``{dotted path: array}`` as an Orbax checkpoint (a nested dict) at ``path``."""
+    import orbax.checkpoint as ocp
+
+    tree = traverse_util.unflatten_dict({tuple(k.split(".")): v for k, v in flat.items()})
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(os.path.abspath(path), tree)
+        ckptr.wait_until_finished()
+
+
+def load_orbax(path: str) -> dict[str, np.ndarray]:
+    """An Orbax checkpoint written by :func:`save_orbax` -> ``{dotted path: np.ndarray}``."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    path = os.path.abspath(path)
+    with ocp.PyTreeCheckpointer() as ckptr:
+        meta = ckptr.metadata(path)
+        tree = dict(getattr(meta, "item_metadata", None) or meta)  # newer Orbax wraps the tree
+        as_numpy = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+        restored = ckptr.restore(path, restore_args=as_numpy)
+    flat = traverse_util.flatten_dict(restored)
+    return {".".join(str(p) for p in k): np.asarray(v) for k, v in flat.items()}
+
+
+def is_orbax_dir(path: str) -> bool:
+    """Whether ``path`` is an Orbax checkpoint directory (it has Orbax's metadata files)."""
+    return os.path.isdir(path) and any(
+        os.path.exists(os.path.join(path, f)) for f in ("_CHECKPOINT_METADATA", "_METADATA")
+    )
+
+
 def read_converted(directory: str) -> tuple[dict[str, np.ndarray], dict]:
-    """A converted directory -> (timm-layout state dict, metadata)."""
+    """A converted directory (``model.safetensors`` and/or ``orbax/``; or an ``orbax/``
+    directory itself) -> (timm-layout state dict, metadata)."""
     from safetensors.numpy import load_file
 
     from cga_jax.weights import path_to_timm_key
 
-    with open(os.path.join(directory, "config.json")) as f:
-        meta = json.load(f)
-    flat = load_file(os.path.join(directory, "model.safetensors"))
+    meta_path = os.path.join(directory, "config.json")
+    meta = {}
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            meta = json.load(f)
+    st = os.path.join(directory, "model.safetensors")
+    if os.path.exists(st):
+        flat = load_file(st)
+    elif is_orbax_dir(os.path.join(directory, ORBAX_DIR)):
+        flat = load_orbax(os.path.join(directory, ORBAX_DIR))
+    elif is_orbax_dir(directory):
+        flat = load_orbax(directory)
+    else:
+        raise CheckpointError(
+            f"{directory}: no model.safetensors nor an Orbax checkpoint ({ORBAX_DIR}/) in it"
+        )
     sd = {}
     for k, v in flat.items():
         path = tuple(int(p) if p.isdigit() else p for p in k.split("."))

@@ -29,7 +29,7 @@ def load_pretrained(
     """Load ``path`` into ``model`` in place (strict). With ``new_head``, a classifier whose size
     differs from the model's is dropped and the model's fresh one kept. Returns notes."""
     path = os.fspath(path)
-    if os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")):
+    if os.path.isdir(path):
         from cga_jax.convert import read_converted  # a `cga-jax convert` output directory
 
         sd, notes = read_converted(path)[0], []

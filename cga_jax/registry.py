@@ -45,8 +45,8 @@ def create_model(
     Args:
       name: one of :func:`list_models` (a ``.r224_in1k`` tag is accepted).
       pretrained: a checkpoint file: PyTorch ``.pth`` in the official (``{'model': sd}``) or timm
-        layout, ``.safetensors``, or a checkpoint written by ``cga-jax convert`` (see
-        :mod:`cga_jax.weights`). With ``num_classes`` different from the checkpoint's, the
+        layout, ``.safetensors``, or a directory written by ``cga-jax convert`` (its
+        ``model.safetensors`` or its Orbax checkpoint ``orbax/``; see :mod:`cga_jax.convert`). With ``num_classes`` different from the checkpoint's, the
         classifier is freshly initialised (fine-tuning).
       num_classes, img_size: override the variant's values (a different ``img_size`` resizes the
         attention-bias tables of the checkpoint where the window resolution changes).
