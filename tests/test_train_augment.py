@@ -91,3 +91,67 @@ def test_bilinear_geometry_matches_timm():
         want = fn(img, arg, fillcolor=ra.FILL, resample=Image.Resampling.BILINEAR)
         got = ra.apply_op(img, name, arg, ra.FILL, Image.Resampling.BILINEAR)
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+# ---- random erasing ----------------------------------------------------------------------------
+def test_erasing_probability_and_area():
+    from cga_jax.training.erasing import NO_BOX, erase_box
+
+    rng = np.random.default_rng(0)
+    h, w, n = 64, 48, 8000
+    boxes = [erase_box(rng, h, w, prob=0.25) for _ in range(n)]
+    hit = [b for b in boxes if b != NO_BOX]
+    assert abs(len(hit) / n - 0.25) < 0.02  # ~25 % of the images (a fit is found ~always)
+    for top, left, eh, ew in hit:
+        assert 0 <= top and top + eh <= h and 0 <= left and left + ew <= w
+        assert eh < h and ew < w  # timm's fit condition
+        # area U(0.02, 1/3) of the image, up to rounding of the sides
+        assert 0.02 * h * w - (eh + ew) <= eh * ew <= h * w / 3 + (eh + ew) + 1
+        assert 0.3 - 0.1 <= eh / ew <= 1 / 0.3 + 0.6  # aspect ratio 0.3..3.3, rounding slack
+    areas = np.array([eh * ew / (h * w) for _, _, eh, ew in hit])
+    assert abs(areas.mean() - (0.02 + 1 / 3) / 2) < 0.03
+    assert all(erase_box(rng, h, w, prob=0.0) == NO_BOX for _ in range(100))
+
+
+def test_erasing_numpy_fills_normal_noise():
+    from cga_jax.training.erasing import erase_np
+
+    x = np.full((40, 40, 3), 7.0, np.float32)
+    assert np.array_equal(erase_np(x, np.random.default_rng(1), prob=0.0), x)  # identity
+    noise = []
+    for s in range(200):
+        y = erase_np(x, np.random.default_rng(s), prob=1.0)
+        changed = y != 7.0
+        assert changed.any() and np.array_equal(changed, changed[..., :1].repeat(3, -1))
+        noise.append(y[changed])
+    noise = np.concatenate(noise)
+    assert abs(noise.mean()) < 0.02 and abs(noise.std() - 1.0) < 0.02
+
+
+def test_erasing_on_device_fills_only_the_box():
+    import jax
+    import jax.numpy as jnp
+
+    from cga_jax.training.erasing import apply_erase
+
+    x = jnp.full((3, 32, 32, 3), 5.0)
+    boxes = jnp.array([[2, 3, 10, 20], [0, 0, 0, 0], [31, 31, 1, 1]], jnp.int32)
+    y = np.asarray(apply_erase(jax.random.key(0), x, boxes))
+    want = np.zeros((3, 32, 32), bool)
+    want[0, 2:12, 3:23] = True
+    want[2, 31, 31] = True
+    np.testing.assert_array_equal(y[..., 0] != 5.0, want)
+    assert abs(y[0, 2:12, 3:23].std() - 1.0) < 0.15 and abs(y[0, 2:12, 3:23].mean()) < 0.15
+
+
+def test_train_augment_is_deterministic_and_emits_boxes():
+    from cga_jax.training.data import TrainAugment
+
+    aug = TrainAugment(24, randaugment=ra.RandAugment("rand-m9-mstd0.5-inc1"), reprob=0.25)
+    r = {"image": np.asarray(_image(0, (40, 30))), "label": np.int32(1), "valid": np.int32(1)}
+    a = aug.random_map(r, np.random.default_rng(3))
+    b = aug.random_map(r, np.random.default_rng(3))
+    assert a["image"].shape == (24, 24, 3) and a["erase"].shape == (4,)
+    np.testing.assert_array_equal(a["image"], b["image"])
+    np.testing.assert_array_equal(a["erase"], b["erase"])
+    assert "erase" not in TrainAugment(24).random_map(r, np.random.default_rng(3))
