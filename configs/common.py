@@ -25,12 +25,17 @@ def imagenet_recipe() -> ml_collections.ConfigDict:
             rrc_scale=(0.08, 1.0),
             hflip=0.5,
             crop_pct=224 / 256,
-            # not implemented yet (see docs/training.md): RandAugment rand-m9-mstd0.5-inc1,
-            # random erasing 0.25 (pixel mode), repeated augmentation 3x.
-            randaugment="rand-m9-mstd0.5-inc1",
-            reprob=0.25,
-            repeated_aug=3,
+            randaugment="rand-m9-mstd0.5-inc1",  # timm RandAugment spec; "" for none
+            interpolation="bicubic",  # RandAugment's geometric ops (--train-interpolation)
+            reprob=0.25,  # random erasing, 'pixel' mode, one box
+            repeated_aug=3,  # DeiT RASampler copies per image; 1 for none
         )
+    )
+    # DeiT knowledge distillation (--distillation-type/-alpha/-tau; the official default "none").
+    # teacher: a create_model name (or a dict of EfficientViTConfig fields) with weights in
+    # teacher_pretrained; the official teacher, RegNetY-160, is not available here.
+    c.distill = ml_collections.ConfigDict(
+        dict(kind="none", teacher="", teacher_pretrained="", alpha=0.5, tau=1.0)
     )
     c.optim = ml_collections.ConfigDict(
         dict(

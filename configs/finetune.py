@@ -23,4 +23,6 @@ def get_config(arg: str = "m0"):
     c.optim.weight_decay = 1e-8
     c.optim.epochs = 100
     c.eval_every = 500
+    # the official main.py refuses distillation with --finetune; the augmentation stays on
+    c.distill.kind = "none"
     return c

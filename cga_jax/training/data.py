@@ -6,8 +6,9 @@ loss and the accuracy ignore them and the trainer counts them, so a bad file nev
 and batch shapes stay fixed. Grayscale, palette and CMYK files are converted to RGB.
 
 Training: ``grain.DataLoader`` with an ``IndexSampler`` (shuffled, endless, sharded by JAX
-process) -- its iterator state (a few bytes) is checkpointed, so a resumed run sees the same
-batches. Evaluation: every image exactly once; each process takes ``i % num_processes == pid`` and
+process), or :class:`~cga_jax.training.sampler.RepeatAugSampler` for repeated augmentation -- its
+iterator state (a few bytes) is checkpointed, so a resumed run sees the same batches. Augmentation
+(crop, flip, RandAugment, the random-erasing box) draws only from Grain's per-record rng. Evaluation: every image exactly once; each process takes ``i % num_processes == pid`` and
 the last batch is padded with ``valid=0`` records (the same number of batches on every process).
 """
 
@@ -22,6 +23,10 @@ import warnings
 import grain.python as grain
 import numpy as np
 from PIL import Image, ImageFile
+
+from cga_jax.training.erasing import erase_box
+from cga_jax.training.randaugment import RandAugment
+from cga_jax.training.sampler import RepeatAugSampler
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff", ".gif")
 MEAN = np.array([0.485, 0.456, 0.406], np.float32) * 255
@@ -139,10 +144,22 @@ def random_resized_crop_box(rng: np.random.Generator, h: int, w: int, scale, rat
 
 class TrainAugment(grain.RandomMapTransform):
     """Random-resized-crop (bicubic) to ``size`` and horizontal flip (``flip`` prob.); with
-    ``scale=None`` only resizes (the digits demo, where flips and crops would change the digit)."""
+    ``scale=None`` only resizes (the digits demo, where flips and crops would change the digit).
+    Then, as timm's train transform: ``randaugment`` (a :class:`RandAugment`, on the PIL image),
+    and with ``reprob > 0`` a random-erasing box in ``r["erase"]`` (int32 (4,), applied after
+    normalisation on the device, :mod:`cga_jax.training.erasing`). All randomness from ``rng``."""
 
-    def __init__(self, size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip: float = 0.5):
+    def __init__(
+        self,
+        size: int,
+        scale=(0.08, 1.0),
+        ratio=(3 / 4, 4 / 3),
+        flip: float = 0.5,
+        randaugment: RandAugment | None = None,
+        reprob: float = 0.0,
+    ):
         self.size, self.scale, self.ratio, self.flip = size, scale, ratio, flip
+        self.randaugment, self.reprob = randaugment, reprob
 
     def random_map(self, r, rng: np.random.Generator):
         img = r["image"]
@@ -157,7 +174,12 @@ class TrainAugment(grain.RandomMapTransform):
             img = np.asarray(pil)
         if self.flip > 0 and rng.uniform() < self.flip:
             img = img[:, ::-1]
-        return {**r, "image": np.ascontiguousarray(img)}
+        if self.randaugment is not None:
+            img = np.asarray(self.randaugment(Image.fromarray(np.ascontiguousarray(img)), rng))
+        out = {**r, "image": np.ascontiguousarray(img)}
+        if self.reprob > 0:
+            out["erase"] = np.asarray(erase_box(rng, *img.shape[:2], prob=self.reprob), np.int32)
+        return out
 
 
 class EvalTransform(grain.MapTransform):
@@ -196,20 +218,27 @@ def make_source(cfg, split: str):
 
 
 def train_loader(cfg, source, process_index: int, process_count: int, seed: int):
-    """Endless shuffled loader of per-process batches of ``batch_size // process_count``."""
+    """Endless shuffled loader of per-process batches of ``batch_size // process_count``.
+
+    ``data.randaugment`` (a ``rand-...`` string, "" for none), ``data.reprob`` (random erasing)
+    and ``data.repeated_aug`` (> 1: :class:`RepeatAugSampler`) follow timm / DeiT."""
     local_batch = cfg.batch_size // process_count
     d = cfg.data
     scale = None if d.get("aug", "rrc_flip") == "none" else tuple(d.get("rrc_scale", (0.08, 1.0)))
     flip = 0.0 if scale is None else d.get("hflip", 0.5)
-    sampler = grain.IndexSampler(
-        num_records=len(source),
-        shard_options=grain.ShardOptions(process_index, process_count, drop_remainder=True),
-        shuffle=True,
-        num_epochs=None,
-        seed=seed,
+    shard = grain.ShardOptions(process_index, process_count, drop_remainder=True)
+    if d.get("repeated_aug", 1) > 1:
+        sampler = RepeatAugSampler(len(source), shard, repeats=d.repeated_aug, seed=seed)
+    else:
+        sampler = grain.IndexSampler(
+            num_records=len(source), shard_options=shard, shuffle=True, num_epochs=None, seed=seed
+        )
+    spec = d.get("randaugment", "")
+    ra = RandAugment(spec, interpolation=d.get("interpolation", "bicubic")) if spec else None
+    aug = TrainAugment(
+        cfg.img_size, scale=scale, flip=flip, randaugment=ra, reprob=d.get("reprob", 0.0)
     )
-    ops = [Decode(), TrainAugment(cfg.img_size, scale=scale, flip=flip)]
-    ops.append(grain.Batch(local_batch, drop_remainder=True))
+    ops = [Decode(), aug, grain.Batch(local_batch, drop_remainder=True)]
     return grain.DataLoader(
         data_source=source, sampler=sampler, operations=ops, worker_count=d.get("workers", 0)
     )

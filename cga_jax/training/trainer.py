@@ -24,8 +24,10 @@ from jax.sharding import PartitionSpec as P
 
 from cga_jax.training import checkpoint as ckpt
 from cga_jax.training import data as data_lib
+from cga_jax.training.distill import build_teacher, distillation_loss
+from cga_jax.training.erasing import apply_erase
 from cga_jax.training.logger import Logger, plot_curves
-from cga_jax.training.mixup import mix_batch, smooth_one_hot, soft_cross_entropy
+from cga_jax.training.mixup import mix_batch, smooth_one_hot
 from cga_jax.training.optim import ema_init, ema_update, make_optimizer, make_schedule
 
 
@@ -38,11 +40,17 @@ def build_model(cfg, num_classes: int) -> nnx.Module:
 
     m = cfg.model
     rngs = nnx.Rngs(cfg.seed)
+    # a teacher needs the distillation head (DeiT builds the model with distillation=True then)
+    dist = (
+        bool(m.get("distillation", False)) or cfg.get("distill", {}).get("kind", "none") != "none"
+    )
     if m.get("name"):
         kw = dict(num_classes=num_classes, img_size=cfg.img_size, rngs=rngs)
+        if dist:
+            kw["distillation"] = True
         return create_model(m.name, pretrained=m.get("pretrained") or None, **kw)
     fields = {k: v for k, v in m.to_dict().items() if k not in ("name", "pretrained")}
-    fields.update(num_classes=num_classes, img_size=cfg.img_size)
+    fields.update(num_classes=num_classes, img_size=cfg.img_size, distillation=dist)
     from cga_jax import EfficientViT
 
     return EfficientViT(EfficientViTConfig(**fields), rngs=rngs)
@@ -54,28 +62,39 @@ def _cast(tree, dtype):
     )
 
 
-def make_steps(cfg, graphdef, eval_graphdef, rest, tx, schedule, num_classes: int):
-    """-> (train_step(state, batch) -> (state, metrics), eval_step(params, stats, batch))."""
+def make_steps(
+    cfg, graphdef, eval_graphdef, rest, tx, schedule, num_classes: int, teacher_graphdef=None
+):
+    """-> (train_step(state, batch, teacher=None) -> (state, metrics),
+    eval_step(params, stats, batch)). ``teacher``: the teacher's state (with
+    ``teacher_graphdef``, from :func:`~cga_jax.training.distill.build_teacher`)."""
     dtype = jnp.bfloat16 if cfg.get("compute_dtype", "float32") == "bfloat16" else jnp.float32
     aug = cfg.aug
+    dc = cfg.get("distill", {})
+    kind, alpha, tau = dc.get("kind", "none"), dc.get("alpha", 0.5), dc.get("tau", 1.0)
 
-    def train_step(state, batch):
+    def train_step(state, batch, teacher=None):
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
         x = data_lib.normalize(batch["image"])
+        if "erase" in batch:  # random erasing, after normalisation (boxes drawn by the loader)
+            x = apply_erase(jax.random.fold_in(key, 1), x, batch["erase"])
         valid = batch["valid"].astype(jnp.float32)
         targets = smooth_one_hot(batch["label"], num_classes, aug.label_smoothing)
         x, targets = mix_batch(
             key, x, targets, aug.mixup, aug.cutmix, aug.mixup_switch_prob, aug.mixup_prob
         )
+        t_logits = None
+        if teacher is not None:  # eval mode, no gradient, the same (mixed) images as DeiT
+            tm = nnx.merge(teacher_graphdef, _cast(teacher[0], dtype), teacher[1], copy=True)
+            t_logits = jax.lax.stop_gradient(tm(x.astype(dtype)))
 
         def loss_fn(params):
             m = nnx.merge(graphdef, _cast(params, dtype), state["batch_stats"], rest, copy=True)
             out = m(x.astype(dtype))
-            logits = out[0] if isinstance(out, tuple) else out
-            ce = soft_cross_entropy(logits, targets)
-            if isinstance(out, tuple):  # distillation head without a teacher: same targets
-                ce = 0.5 * (ce + soft_cross_entropy(out[1], targets))
-            loss = jnp.sum(ce * valid) / jnp.maximum(jnp.sum(valid), 1.0)
+            logits, logits_dist = out if isinstance(out, tuple) else (out, None)
+            loss = distillation_loss(
+                logits, logits_dist, t_logits, targets, valid, kind, alpha, tau
+            )
             return loss, nnx.state(m, nnx.BatchStat)
 
         (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
@@ -151,8 +170,12 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
     graphdef, eval_graphdef, rest, tx, schedule, state = setup(cfg, num_classes, steps_per_epoch)
     state = jax.device_put(state, repl)
 
+    teacher = build_teacher(cfg, num_classes)
+    t_graphdef, t_state = teacher if teacher is not None else (None, None)
+    if t_state is not None:  # a non-donated argument of the step, replicated like the params
+        t_state = jax.device_put(t_state, repl)
     train_step, eval_step = make_steps(
-        cfg, graphdef, eval_graphdef, rest, tx, schedule, num_classes
+        cfg, graphdef, eval_graphdef, rest, tx, schedule, num_classes, t_graphdef
     )
     state_sh = jax.tree.map(lambda _: repl, state)
     p_train = jax.jit(train_step, donate_argnums=(0,), out_shardings=(state_sh, repl))
@@ -179,7 +202,8 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
     def to_global(local):
         return {
             k: jax.make_array_from_process_local_data(data_sh, np.asarray(local[k]))
-            for k in ("image", "label", "valid")
+            for k in ("image", "label", "valid", "erase")
+            if k in local
         }
 
     def evaluate(params_stats) -> float:
@@ -202,7 +226,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
     t_last, n_last = time.perf_counter(), 0
     try:
         for step in range(start, total_steps):
-            state, metrics = p_train(state, to_global(next(it)))
+            state, metrics = p_train(state, to_global(next(it)), t_state)
             pending.append((step + 1, metrics))
             s = step + 1
             do_eval = s % cfg.eval_every == 0 or s == total_steps
