@@ -36,6 +36,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
             name="digits",
             workers=0,
             aug="none",
+            crop_pct=1.0,  # validation images are already img_size: no resize, no crop
             split_seed=0,
             randaugment="",
             reprob=0.0,

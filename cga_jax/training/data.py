@@ -18,12 +18,12 @@ import io
 import math
 import os
 import pathlib
-import warnings
 
 import grain.python as grain
 import numpy as np
-from PIL import Image, ImageFile
+from PIL import Image
 
+from cga_jax.preprocess import decode_image, eval_preprocess
 from cga_jax.training.erasing import erase_box
 from cga_jax.training.randaugment import RandAugment
 from cga_jax.training.sampler import RepeatAugSampler
@@ -89,22 +89,6 @@ class FolderSource(grain.RandomAccessDataSource):
     def __getitem__(self, i):
         path, label = self.samples[i]
         return {"path": path, "label": np.int32(label)}
-
-
-def decode_image(path) -> np.ndarray | None:
-    """File (path or file object) -> uint8 (H, W, 3) RGB, or None when it cannot be decoded in
-    full."""
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(path) as im:
-                im.load()
-                if im.mode != "RGB":  # L, LA, P, CMYK, I;16, RGBA ...
-                    im = im.convert("RGB")
-                return np.asarray(im)
-    except Exception:  # noqa: BLE001 - any decode failure means "skip and count"
-        return None
 
 
 class Decode(grain.MapTransform):
@@ -183,23 +167,15 @@ class TrainAugment(grain.RandomMapTransform):
 
 
 class EvalTransform(grain.MapTransform):
-    """Resize the short side to ``size / crop_pct`` (bicubic), centre-crop ``size``."""
+    """The official evaluation transform (:func:`cga_jax.preprocess.eval_preprocess`): bicubic
+    resize of the short side to ``floor(size / crop_pct)``, centre crop ``size``, exactly as
+    torchvision rounds (``cga-jax eval`` uses the same function)."""
 
     def __init__(self, size: int, crop_pct: float = 0.875):
         self.size, self.crop_pct = size, crop_pct
 
     def map(self, r):
-        img = r["image"]
-        h, w = img.shape[:2]
-        if (h, w) != (self.size, self.size):
-            short = int(self.size / self.crop_pct)
-            nh, nw = (
-                (short, max(1, round(w * short / h))) if h <= w else (round(h * short / w), short)
-            )
-            img = np.asarray(Image.fromarray(img).resize((nw, nh), Image.BICUBIC))
-            t, left = (nh - self.size) // 2, (nw - self.size) // 2
-            img = img[t : t + self.size, left : left + self.size]
-        return {**r, "image": np.ascontiguousarray(img)}
+        return {**r, "image": eval_preprocess(r["image"], self.size, self.crop_pct)}
 
 
 # ---- loaders ---------------------------------------------------------------------------------
