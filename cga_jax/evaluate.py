@@ -110,6 +110,13 @@ def crop_size(model: nnx.Module, img_size: int | Sequence[int] | None = None) ->
     return int(size)
 
 
+def eval_split(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State]:
+    """(graphdef, state) of an eval-mode copy of ``model`` (``model`` itself is not modified)."""
+    copy = nnx.merge(*nnx.split(model))
+    copy.eval()
+    return nnx.split(copy)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "k"))
 def _eval_step(graphdef: nnx.GraphDef, state, images, labels, valid, k: int):
     """uint8 (B, H, W, 3), int32 (B,), bool (B,) -> (int32 (2,) top-1 / top-k hits, f32 loss
@@ -157,10 +164,7 @@ def evaluate(
     batch = math.ceil(batch_size / len(devices)) * len(devices)
     mesh = Mesh(np.array(devices), ("data",))
     data = NamedSharding(mesh, PartitionSpec("data"))
-    graphdef, state = nnx.split(model)
-    copy = nnx.merge(graphdef, state)
-    copy.eval()
-    graphdef, state = nnx.split(copy)
+    graphdef, state = eval_split(model)
     state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
     k = min(5, num_classes)
     workers = min(8, os.cpu_count() or 1) if workers is None else workers

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cga_jax.evaluate import crop_size
+from cga_jax.evaluate import crop_size, eval_split
 from cga_jax.preprocess import load_eval_image, normalize
 
 Prediction = list[tuple[int, float]]  # [(class index, probability)], most likely first
@@ -38,10 +38,7 @@ def predict(
     Each image gets the official eval transform (:func:`cga_jax.preprocess.eval_preprocess`);
     ``model`` runs in eval mode (a copy; the argument is not modified).
     """
-    graphdef, state = nnx.split(model)
-    copy = nnx.merge(graphdef, state)
-    copy.eval()
-    graphdef, state = nnx.split(copy)
+    graphdef, state = eval_split(model)
     k = min(topk, model.num_classes)
     img_size = crop_size(model, img_size)
 

@@ -17,18 +17,16 @@ from __future__ import annotations
 import io
 import math
 import os
-import pathlib
 
 import grain.python as grain
 import numpy as np
 from PIL import Image
 
-from cga_jax.preprocess import decode_image, eval_preprocess
+from cga_jax.preprocess import decode_image, eval_preprocess, list_image_folder
 from cga_jax.training.erasing import erase_box
 from cga_jax.training.randaugment import RandAugment
 from cga_jax.training.sampler import RepeatAugSampler
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff", ".gif")
 MEAN = np.array([0.485, 0.456, 0.406], np.float32) * 255
 STD = np.array([0.229, 0.224, 0.225], np.float32) * 255
 
@@ -67,16 +65,7 @@ class FolderSource(grain.RandomAccessDataSource):
     decoding happens in the workers (:class:`Decode`)."""
 
     def __init__(self, root: str | os.PathLike):
-        root = pathlib.Path(root)
-        self.classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-        if not self.classes:
-            raise FileNotFoundError(f"no class folders in {root} (expected root/<class>/<image>)")
-        self.samples = [
-            (str(f), c)
-            for c, name in enumerate(self.classes)
-            for f in sorted((root / name).rglob("*"))
-            if f.suffix.lower() in IMAGE_EXTS
-        ]
+        self.samples, self.classes = list_image_folder(root)
         self.num_classes = len(self.classes)
 
     def __repr__(self) -> str:

@@ -16,7 +16,7 @@ import tarfile
 import grain.python as grain
 import numpy as np
 
-from cga_jax.training.data import IMAGE_EXTS
+from cga_jax.preprocess import IMAGE_EXTS
 
 
 class TarSource(grain.RandomAccessDataSource):
