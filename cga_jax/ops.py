@@ -24,24 +24,25 @@ def pointwise_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return jnp.einsum("...c,co->...o", x, kernel)
 
 
+def _tap(xp: jax.Array, i: int, j: int, ho: int, wo: int, stride: int) -> jax.Array:
+    """The input window that kernel tap (i, j) multiplies: xp (B, Hp, Wp, C) -> (B, ho, wo, C)."""
+    b, _, _, c = xp.shape
+    end = (b, i + (ho - 1) * stride + 1, j + (wo - 1) * stride + 1, c)
+    return lax.slice(xp, (0, i, j, 0), end, (1, stride, stride, 1))
+
+
 def _shifted_taps(xp: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
     """Valid (unpadded) depthwise correlation of an already padded map.
 
     xp: (B, Hp, Wp, C); kernel: (kh, kw, C) -> (B, (Hp - kh) // stride + 1, ..., C).
     """
-    b, hp, wp, c = xp.shape
+    _, hp, wp, _ = xp.shape
     kh, kw, _ = kernel.shape
     ho, wo = (hp - kh) // stride + 1, (wp - kw) // stride + 1
     out = None
     for i in range(kh):
         for j in range(kw):
-            patch = lax.slice(
-                xp,
-                (0, i, j, 0),
-                (b, i + (ho - 1) * stride + 1, j + (wo - 1) * stride + 1, c),
-                (1, stride, stride, 1),
-            )
-            term = patch * kernel[i, j]
+            term = _tap(xp, i, j, ho, wo, stride) * kernel[i, j]
             out = term if out is None else out + term
     return out
 
@@ -76,21 +77,11 @@ def _depthwise_fwd(x, kernel, stride, padding):
 def _depthwise_bwd(stride, padding, res, g):
     """g: (B, Ho, Wo, C) -> (dx (B, H, W, C), dkernel (kh, kw, C))."""
     x, kernel = res
-    b, _, _, c = x.shape
-    kh, kw, _ = kernel.shape
+    kh, kw, c = kernel.shape
     ho, wo = g.shape[1], g.shape[2]
     xp = _pad_hw(x, padding)
     taps = [
-        jnp.sum(
-            lax.slice(
-                xp,
-                (0, i, j, 0),
-                (b, i + (ho - 1) * stride + 1, j + (wo - 1) * stride + 1, c),
-                (1, stride, stride, 1),
-            )
-            * g,
-            axis=(0, 1, 2),
-        )
+        jnp.sum(_tap(xp, i, j, ho, wo, stride) * g, axis=(0, 1, 2))
         for i in range(kh)
         for j in range(kw)
     ]
