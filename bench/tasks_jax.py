@@ -16,6 +16,7 @@ from bench.common import LR, WEIGHT_DECAY, inputs_nhwc, labels
 from bench.fold import get_folder
 from bench.worker_api import Task
 from cga_jax.weights import load_timm_state_dict
+from cga_jax.xla_options import compiler_options
 
 
 def _load(spec: dict[str, Any]) -> nnx.Module:
@@ -38,7 +39,7 @@ def build_infer(spec: dict[str, Any]) -> Task:
         model = fold(model)
         info["fold"] = name
     graphdef, state = nnx.split(model)
-    forward = jax.jit(lambda st, x: nnx.merge(graphdef, st)(x))
+    forward = jax.jit(lambda st, x: nnx.merge(graphdef, st)(x), compiler_options=compiler_options())
     x = jnp.asarray(inputs_nhwc(spec["batch"]))
 
     def step() -> jax.Array:
@@ -61,7 +62,7 @@ def build_train(spec: dict[str, Any]) -> Task:
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
         return loss, nnx.split(m, nnx.Param, ...)[2]
 
-    @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
+    @functools.partial(jax.jit, donate_argnums=(0, 1, 2), compiler_options=compiler_options())
     def train_step(params, rest, opt_state, x, y):
         (loss, rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest, x, y)
         updates, opt_state = tx.update(grads, opt_state, params)

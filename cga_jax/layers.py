@@ -5,7 +5,6 @@ PyTorch key maps to a Flax path by renaming leaves only (``weight`` -> ``kernel`
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +12,7 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
-from cga_jax.ops import conv2d
+from cga_jax.ops import column_sum, conv2d
 
 
 def _uniform(rngs: nnx.Rngs, shape: tuple[int, ...], bound: float) -> jax.Array:
@@ -50,27 +49,6 @@ def make_divisible(v: float, divisor: int = 8, round_limit: float = 0.0) -> int:
     return new_v
 
 
-def _sum0(x2: jax.Array) -> jax.Array:
-    """Column sums of (N, C) as matmuls with ones vectors (faster than ``sum`` on XLA-CPU).
-
-    Two levels (blocks of ~sqrt(N) rows, then the block sums) keep the float32 rounding error
-    near sqrt(N) ulps instead of N: BN statistics over a whole batch of feature maps reduce
-    10^4-10^6 rows.
-    """
-    n, c = x2.shape
-    hi = lax.Precision.HIGHEST
-    if n <= 1024:
-        return jnp.dot(jnp.ones((n,), x2.dtype), x2, precision=hi)
-    block = int(math.ceil(math.sqrt(n)))
-    nblocks = -(-n // block)
-    if nblocks * block != n:
-        x2 = jnp.pad(x2, ((0, nblocks * block - n), (0, 0)))
-    partial = jnp.einsum(
-        "kbc,b->kc", x2.reshape(nblocks, block, c), jnp.ones((block,), x2.dtype), precision=hi
-    )
-    return jnp.dot(jnp.ones((nblocks,), x2.dtype), partial, precision=hi)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def batch_norm_train(
     x2: jax.Array, scale: jax.Array, bias: jax.Array, eps: float
@@ -87,9 +65,9 @@ def batch_norm_train(
 
 def _bn_stats(x2: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     n = x2.shape[0]
-    mean = _sum0(x2) / n
+    mean = column_sum(x2) / n
     centered = x2 - mean
-    var = _sum0(centered * centered) / n
+    var = column_sum(centered * centered) / n
     return mean, var, centered
 
 
@@ -105,8 +83,8 @@ def _bn_bwd(eps, res, cts):
     xhat, centered, invstd, scale = res
     gy, gmean, gvar = cts
     n = xhat.shape[0]
-    gbias = _sum0(gy)
-    gscale = _sum0(gy * xhat)
+    gbias = column_sum(gy)
+    gscale = column_sum(gy * xhat)
     gx = (scale * invstd) * (gy - gbias / n - xhat * (gscale / n))
     # the statistics outputs (used for running averages, normally under stop_gradient)
     gx = gx + gmean / n + centered * (2.0 * gvar / n)

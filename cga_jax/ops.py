@@ -13,6 +13,7 @@ Three paths, chosen from static shapes, each exact on every backend:
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +48,24 @@ def _shifted_taps(xp: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
     return out
 
 
+def column_sum(x2: jax.Array) -> jax.Array:
+    """Column sums of (N, C) -> (C,), as a sum of ~sqrt(N) partial sums of ~sqrt(N) rows each.
+
+    Used for BatchNorm statistics and depthwise kernel gradients. The two levels keep float32
+    rounding near sqrt(N) ulps for the 10^4-10^6 rows of a batch of feature maps. On XLA-CPU it
+    was as fast as or faster than one ``jnp.sum`` and than the same sums as matmuls with a ones
+    vector (which made XLA transpose the whole map first).
+    """
+    n, c = x2.shape
+    if n <= 1024:
+        return jnp.sum(x2, axis=0)
+    block = math.isqrt(n - 1) + 1  # ceil(sqrt(n))
+    nblocks = -(-n // block)
+    if nblocks * block != n:
+        x2 = jnp.pad(x2, ((0, nblocks * block - n), (0, 0)))
+    return jnp.sum(jnp.sum(x2.reshape(nblocks, block, c), axis=1), axis=0)
+
+
 def _pad_hw(x: jax.Array, padding: int) -> jax.Array:
     if not padding:
         return x
@@ -79,9 +98,13 @@ def _depthwise_bwd(stride, padding, res, g):
     x, kernel = res
     kh, kw, c = kernel.shape
     ho, wo = g.shape[1], g.shape[2]
+    # The barrier keeps XLA from merging these taps with the forward's identical slices (CSE):
+    # shared, each of the kh*kw taps had to be written to memory, with the producer of x
+    # recomputed into every one of them.
+    x = lax.optimization_barrier(x)
     xp = _pad_hw(x, padding)
     taps = [
-        jnp.sum(_tap(xp, i, j, ho, wo, stride) * g, axis=(0, 1, 2))
+        column_sum((_tap(xp, i, j, ho, wo, stride) * g).reshape(-1, c))
         for i in range(kh)
         for j in range(kw)
     ]
@@ -92,6 +115,24 @@ def _depthwise_bwd(stride, padding, res, g):
 
 
 depthwise_conv.defvjp(_depthwise_fwd, _depthwise_bwd)
+
+
+def im2col_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
+    """Dense convolution as one matmul over the gathered patches.
+
+    x: (B, H, W, Ci); kernel: (kh, kw, Ci, Co) (HWIO) -> (B, Ho, Wo, Co). The ``kh*kw`` strided
+    taps are concatenated on the channel axis, in the kernel's (kh, kw, Ci) order, into
+    (B, Ho, Wo, kh*kw*Ci) and multiplied by the kernel reshaped to (kh*kw*Ci, Co). On XLA-CPU the
+    stem's convolutions (3x3, stride 2, 3-32 input channels) ran their training step ~1.6x faster
+    this way: both gradients become plain matmuls plus shifted adds, where XLA's convolution
+    kernel-gradient ran at ~2 GFLOP/s.
+    """
+    kh, kw, ci, co = kernel.shape
+    xp = _pad_hw(x, padding)
+    ho, wo = (xp.shape[1] - kh) // stride + 1, (xp.shape[2] - kw) // stride + 1
+    taps = [_tap(xp, i, j, ho, wo, stride) for i in range(kh) for j in range(kw)]
+    cols = taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)
+    return jnp.einsum("bhwk,ko->bhwo", cols, kernel.reshape(kh * kw * ci, co))
 
 
 def dense_conv(
@@ -118,4 +159,6 @@ def conv2d(
         return pointwise_conv(x, kernel[0, 0])
     if groups == ci == co and ipg == 1:
         return depthwise_conv(x, kernel[:, :, 0, :], stride, padding)
+    if groups == 1:
+        return im2col_conv(x, kernel, stride, padding)
     return dense_conv(x, kernel, stride, padding, groups)

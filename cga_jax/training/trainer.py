@@ -29,6 +29,7 @@ from cga_jax.training.erasing import apply_erase
 from cga_jax.training.logger import Logger, plot_curves
 from cga_jax.training.mixup import mix_batch, smooth_one_hot
 from cga_jax.training.optim import ema_init, ema_update, make_optimizer, make_schedule
+from cga_jax.xla_options import compiler_options
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -178,8 +179,11 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
         cfg, graphdef, eval_graphdef, rest, tx, schedule, num_classes, t_graphdef
     )
     state_sh = jax.tree.map(lambda _: repl, state)
-    p_train = jax.jit(train_step, donate_argnums=(0,), out_shardings=(state_sh, repl))
-    p_eval = jax.jit(eval_step, out_shardings=(repl, repl))
+    opts = compiler_options()
+    p_train = jax.jit(
+        train_step, donate_argnums=(0,), out_shardings=(state_sh, repl), compiler_options=opts
+    )
+    p_eval = jax.jit(eval_step, out_shardings=(repl, repl), compiler_options=opts)
 
     loader = data_lib.train_loader(cfg, train_src, pid, nproc, seed=cfg.seed)
     it = iter(loader)
