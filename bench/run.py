@@ -19,7 +19,7 @@ import time
 import traceback
 from typing import Any
 
-from bench import analyse, machine, plan, report
+from bench import analyse, machine, plan, report, runner
 from bench.runner import REPO, run_case, thread_settings, worker_env
 
 RESULTS = REPO / "bench" / "results"
@@ -56,6 +56,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="BN folding of cga_jax: cga_jax.fuse_bn if present (auto), or this "
         "package's bench.fold",
     )
+    ap.add_argument(
+        "--malloc",
+        default="tuned",
+        choices=("tuned", "default"),
+        help="glibc allocator of every contestant: cga_jax.malloc's tunables (huge pages, no "
+        "munmap between steps; the default) or the environment as it is",
+    )
     ap.add_argument("--out", type=pathlib.Path, default=RESULTS, help="results directory")
     ap.add_argument(
         "--name", help="file stem of the results (default 'latest', 'quick' with --quick)"
@@ -79,6 +86,7 @@ def _prepare(variant: str, onnx_batches: set[int], tmp: pathlib.Path) -> dict[st
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    runner.MALLOC = args.malloc
     quick = args.quick
     opts: dict[str, Any] = {
         "quick": quick,
@@ -86,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         "warmup": args.warmup if args.warmup is not None else (1 if quick else 3),
         "iters_scale": args.iters_scale or (0.05 if quick else 1.0),
         "fused_impl": args.fused_impl,
+        "malloc": args.malloc,
     }
     cases = plan.build_plan(plan.parse_only(args.only), opts["iters_scale"])
     print(f"{len(cases)} cases:")

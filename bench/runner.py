@@ -13,10 +13,14 @@ import time
 from typing import IO, Any
 
 from bench.plan import Case, Contestant
+from cga_jax.malloc import MALLOC_TUNABLES, tuned_env
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 REPLY_TIMEOUT_S = 1800.0  # the longest wait for one reply (a first call may compile for minutes)
 XLA_ONE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+# "tuned": every contestant (cga_jax, PyTorch, ORT alike) runs with cga_jax.malloc's glibc
+# tunables; "default": the environment as it is. Set by ``bench.run --malloc``.
+MALLOC = "tuned"
 
 
 class WorkerError(RuntimeError):
@@ -41,12 +45,16 @@ def worker_env(kind: str, threads: int) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     if kind == "cga_jax" and threads == 1:
         env["XLA_FLAGS"] = " ".join(filter(None, [env.get("XLA_FLAGS"), XLA_ONE_THREAD]))
+    if MALLOC == "tuned":
+        env = tuned_env(env)
     return env
 
 
 def thread_settings(kind: str, threads: int) -> str:
     """How ``threads`` is enforced, in words (for the report)."""
     pin = f"affinity {threads} CPU(s), OMP/MKL_NUM_THREADS={threads}"
+    if MALLOC == "tuned":
+        pin += ", GLIBC_TUNABLES=" + ":".join(MALLOC_TUNABLES)
     if kind == "cga_jax":
         extra = f"XLA_FLAGS='{XLA_ONE_THREAD}'" if threads == 1 else "XLA default thread pool"
         return f"{pin}, {extra}"

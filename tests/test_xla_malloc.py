@@ -1,0 +1,47 @@
+"""cga_jax.xla_options (compiler options of cga_jax's jits) and cga_jax.malloc (glibc tunables)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cga_jax.malloc import MALLOC_TUNABLES, is_tuned, tuned_env
+from cga_jax.xla_options import CPU_OPTIONS, compiler_options
+
+
+def test_compiler_options_by_backend():
+    assert compiler_options("gpu") is None
+    assert compiler_options("tpu") is None
+    opts = compiler_options("cpu")
+    assert opts == CPU_OPTIONS and opts is not CPU_OPTIONS  # a copy: callers may edit it
+
+
+def test_cpu_options_keep_reductions_out_of_ynnpack_and_results_equal():
+    def f(x):  # a BatchNorm-like statistic: a reduction over a fused producer
+        return jnp.sum(jnp.maximum(x, 0.0) * x, axis=(0, 1, 2))
+
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 14, 14, 64)), jnp.float32)
+    plain = jax.jit(f)
+    tuned = jax.jit(f, compiler_options=compiler_options())
+    if jax.default_backend() == "cpu" and compiler_options() is not None:
+        assert "__ynn_fusion" not in tuned.lower(x).compile().as_text()
+    x64 = np.asarray(x, np.float64)
+    ref = np.sum(np.maximum(x64, 0.0) * x64, axis=(0, 1, 2))  # float64: both orders are ~1e-6
+    for fn in (plain, tuned):
+        np.testing.assert_allclose(np.asarray(fn(x)), ref, rtol=1e-5)
+
+
+def test_tuned_env_adds_and_keeps():
+    env = tuned_env({"PATH": "/bin"})
+    assert env["PATH"] == "/bin"
+    assert env["GLIBC_TUNABLES"] == ":".join(MALLOC_TUNABLES)
+    assert is_tuned(env) and not is_tuned({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"})
+    # a user's own values win and unrelated tunables stay
+    mine = "glibc.malloc.hugetlb=0:glibc.pthread.rseq=0"
+    env = tuned_env({"GLIBC_TUNABLES": mine})
+    parts = env["GLIBC_TUNABLES"].split(":")
+    assert parts[:2] == mine.split(":")
+    assert "glibc.malloc.hugetlb=1" not in parts
+    assert sum(p.startswith("glibc.malloc.mmap_threshold=") for p in parts) == 1
+    assert tuned_env(env) == env  # idempotent
