@@ -3,6 +3,8 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# glibc allocator tunables for CPU training (cga_jax/malloc.py: huge pages, no munmap per step)
+CPU_MALLOC := GLIBC_TUNABLES=glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=68719476736
 
 .PHONY: setup demo test test-all lint bench clean
 
@@ -15,7 +17,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m cga_jax.demo
+	$(CPU_MALLOC) $(BIN)/python -m cga_jax.demo
 
 test: $(STAMP)
 	$(BIN)/ruff check .

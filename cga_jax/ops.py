@@ -117,22 +117,49 @@ def _depthwise_bwd(stride, padding, res, g):
 depthwise_conv.defvjp(_depthwise_fwd, _depthwise_bwd)
 
 
-def im2col_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
-    """Dense convolution as one matmul over the gathered patches.
-
-    x: (B, H, W, Ci); kernel: (kh, kw, Ci, Co) (HWIO) -> (B, Ho, Wo, Co). The ``kh*kw`` strided
-    taps are concatenated on the channel axis, in the kernel's (kh, kw, Ci) order, into
-    (B, Ho, Wo, kh*kw*Ci) and multiplied by the kernel reshaped to (kh*kw*Ci, Co). On XLA-CPU the
-    stem's convolutions (3x3, stride 2, 3-32 input channels) ran their training step ~1.6x faster
-    this way: both gradients become plain matmuls plus shifted adds, where XLA's convolution
-    kernel-gradient ran at ~2 GFLOP/s.
-    """
-    kh, kw, ci, co = kernel.shape
+def _im2col(x: jax.Array, kh: int, kw: int, stride: int, padding: int) -> jax.Array:
+    """(B, H, W, Ci) -> (B, Ho, Wo, kh*kw*Ci): the strided taps in the kernel's (kh, kw, Ci)
+    order, concatenated on the channel axis."""
     xp = _pad_hw(x, padding)
     ho, wo = (xp.shape[1] - kh) // stride + 1, (xp.shape[2] - kw) // stride + 1
     taps = [_tap(xp, i, j, ho, wo, stride) for i in range(kh) for j in range(kw)]
-    cols = taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)
-    return jnp.einsum("bhwk,ko->bhwo", cols, kernel.reshape(kh * kw * ci, co))
+    return taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def im2col_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
+    """Dense convolution whose training pass is one matmul over the gathered patches.
+
+    x: (B, H, W, Ci); kernel: (kh, kw, Ci, Co) (HWIO) -> (B, Ho, Wo, Co). Outside
+    differentiation this is XLA's convolution (:func:`dense_conv`), the fastest forward. Under
+    ``jax.grad``/``vjp`` the forward is the im2col matmul - (B, Ho, Wo, kh*kw*Ci) patches times the
+    kernel reshaped to (kh*kw*Ci, Co) - and the patches are kept for the kernel gradient, so both
+    gradients are matmuls (plus the patches' transpose: shifted adds). On XLA-CPU the stem's
+    training step (four 3x3 stride-2 convolutions) ran ~1.6x faster this way: XLA's own
+    convolution kernel gradient ran at ~2 GFLOP/s. Both forwards compute the same sums in a
+    different order (float32 rounding apart, equal).
+    """
+    return dense_conv(x, kernel, stride, padding)
+
+
+def _im2col_fwd(x, kernel, stride, padding):
+    kh, kw, ci, co = kernel.shape
+    cols = _im2col(x, kh, kw, stride, padding)
+    y = jnp.einsum("bhwk,ko->bhwo", cols, kernel.reshape(kh * kw * ci, co))
+    return y, (cols, kernel, jax.ShapeDtypeStruct(x.shape, x.dtype))
+
+
+def _im2col_bwd(stride, padding, res, g):
+    """g: (B, Ho, Wo, Co) -> (dx (B, H, W, Ci), dkernel (kh, kw, Ci, Co))."""
+    cols, kernel, x_aval = res
+    kh, kw, ci, co = kernel.shape
+    dk = jnp.einsum("bhwk,bhwo->ko", cols, g).reshape(kernel.shape).astype(kernel.dtype)
+    dcols = jnp.einsum("bhwo,ko->bhwk", g, kernel.reshape(kh * kw * ci, co))
+    (dx,) = jax.linear_transpose(lambda a: _im2col(a, kh, kw, stride, padding), x_aval)(dcols)
+    return dx, dk
+
+
+im2col_conv.defvjp(_im2col_fwd, _im2col_bwd)
 
 
 def dense_conv(

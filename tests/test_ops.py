@@ -55,3 +55,33 @@ def test_depthwise_under_jit_and_bf16():
     dx, dk = f(x, kernel)
     assert dx.dtype == jnp.bfloat16 and dk.dtype == jnp.bfloat16
     assert dx.shape == x.shape and dk.shape == kernel.shape
+
+
+@pytest.mark.parametrize("stride,padding,cin", [(2, 1, 3), (2, 1, 8), (1, 1, 4), (1, 0, 2)])
+def test_im2col_conv_values_and_gradients_match_lax(stride, padding, cin):
+    """Outside differentiation XLA's conv; under vjp the im2col matmul with its own backward.
+    Both must agree with lax's convolution and its autodiff gradients (odd map sides too)."""
+    rng = np.random.default_rng(stride * 10 + cin)
+    x = jnp.asarray(rng.normal(size=(2, 11, 8, cin)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(3, 3, cin, 6)), jnp.float32)
+
+    def ref(x, k):
+        return ops.dense_conv(x, k, stride, padding)
+
+    def new(x, k):
+        return ops.im2col_conv(x, k, stride, padding)
+
+    np.testing.assert_array_equal(np.asarray(new(x, k)), np.asarray(ref(x, k)))
+    y_train, _ = jax.vjp(new, x, k)  # the im2col forward
+    np.testing.assert_allclose(np.asarray(y_train), np.asarray(ref(x, k)), rtol=1e-5, atol=1e-5)
+
+    w = jnp.asarray(rng.normal(size=ref(x, k).shape), jnp.float32)
+
+    def loss(f):  # linear: the gradients do not depend on the forward's rounding
+        return lambda x, k: jnp.sum(f(x, k) * w)
+
+    gr = jax.grad(loss(ref), (0, 1))(x, k)
+    gn = jax.grad(loss(new), (0, 1))(x, k)
+    for a, b in zip(gn, gr, strict=True):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)

@@ -45,3 +45,14 @@ def test_tuned_env_adds_and_keeps():
     assert "glibc.malloc.hugetlb=1" not in parts
     assert sum(p.startswith("glibc.malloc.mmap_threshold=") for p in parts) == 1
     assert tuned_env(env) == env  # idempotent
+
+
+def test_makefile_and_docs_use_the_same_tunables():
+    import pathlib
+
+    import cga_jax.malloc
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    want = "GLIBC_TUNABLES=" + ":".join(MALLOC_TUNABLES)
+    assert want in (root / "Makefile").read_text()
+    assert want in cga_jax.malloc.__doc__
