@@ -27,7 +27,6 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cga_jax.preprocess import list_image_folder, load_eval_image, normalize
-from cga_jax.xla_options import compiler_options
 
 Batch = tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]
 
@@ -111,13 +110,6 @@ def crop_size(model: nnx.Module, img_size: int | Sequence[int] | None = None) ->
     return int(size)
 
 
-@functools.cache
-def jit_static_graph(fn):
-    """``fn`` jitted with static ``graphdef`` and ``k`` and cga_jax's compiler options; made on
-    first use (the options depend on the backend, which must not be initialised at import)."""
-    return jax.jit(fn, static_argnames=("graphdef", "k"), compiler_options=compiler_options())
-
-
 def eval_split(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State]:
     """(graphdef, state) of an eval-mode copy of ``model`` (``model`` itself is not modified)."""
     copy = nnx.merge(*nnx.split(model))
@@ -125,10 +117,11 @@ def eval_split(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State]:
     return nnx.split(copy)
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "k"))
 def _eval_step(graphdef: nnx.GraphDef, state, images, labels, valid, k: int):
     """uint8 (B, H, W, 3), int32 (B,), bool (B,) -> (int32 (2,) top-1 / top-k hits, f32 loss
-    sum) over the valid rows. Jitted with a static graphdef (:func:`jit_static_graph`):
-    compiled once per model structure and batch shape."""
+    sum) over the valid rows. Module level with a static graphdef: compiled once per model
+    structure and batch shape."""
     logits = nnx.merge(graphdef, state)(normalize(images)).astype(jnp.float32)
     nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=1)[:, 0]
     hits = jax.lax.top_k(logits, k)[1] == labels[:, None]  # (B, k)
@@ -183,7 +176,7 @@ def evaluate(
     bar = tqdm(total=len(samples), unit="img", disable=not progress, file=sys.stderr)
     for images, lab, valid, b in _batches(samples, batch, load, (img_size, img_size, 3), workers):
         args = jax.device_put((images, lab, valid), data)
-        results.append(jit_static_graph(_eval_step)(graphdef, state, *args, k=k))
+        results.append(_eval_step(graphdef, state, *args, k=k))
         bad += b
         bar.update(int(valid.sum()) + len(b))
     bar.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 
@@ -10,12 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cga_jax.evaluate import crop_size, eval_split, jit_static_graph
+from cga_jax.evaluate import crop_size, eval_split
 from cga_jax.preprocess import load_eval_image, normalize
 
 Prediction = list[tuple[int, float]]  # [(class index, probability)], most likely first
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "k"))
 def _probs_topk(graphdef: nnx.GraphDef, state, images, k: int):
     """uint8 (B, S, S, 3) -> (f32 (B, k) probabilities, int32 (B, k) indices)."""
     logits = nnx.merge(graphdef, state)(normalize(images)).astype(jnp.float32)
@@ -48,7 +50,7 @@ def predict(
         idx = ok[s : s + size]
         batch = np.zeros((size, img_size, img_size, 3), np.uint8)  # one compiled shape
         batch[: len(idx)] = np.stack([images[i] for i in idx])
-        p, c = (np.asarray(a) for a in jit_static_graph(_probs_topk)(graphdef, state, batch, k=k))
+        p, c = (np.asarray(a) for a in _probs_topk(graphdef, state, batch, k=k))
         for row, i in enumerate(idx):
             out[i] = [(int(c[row, j]), float(p[row, j])) for j in range(k)]
     return out

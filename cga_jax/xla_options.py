@@ -1,11 +1,13 @@
-"""XLA compiler options for cga_jax's jitted functions (``jax.jit(..., compiler_options=...)``).
+"""XLA compiler options for cga_jax's training step (``jax.jit(..., compiler_options=...)``).
 
 On XLA-CPU, recent jaxlibs hand reductions and elementwise fusions to YNNPACK. For this model's
 training step that was slower: BatchNorm statistics, depthwise-kernel gradients and their
 producers became separate YNNPACK calls that each wrote their input to memory first. Keeping
 YNNPACK for matmuls only (``LIBRARY_FUSION_TYPE_DOT``) made the M0 training step (batch 64, two
-threads) ~15-25% faster in A/B runs in one process (docs/bench.md). Other backends get no
-options. Pass :func:`compiler_options` to your own ``jax.jit`` of a cga_jax model to get the same.
+threads) ~10-20% faster in A/B runs in one process (docs/bench.md). The folded *inference*
+forward went the other way (M0, batch 16, one thread: 156 vs 188 img/s, and 40% longer to
+compile), so cga_jax passes these options to its training step only. Other backends get none.
+Pass :func:`compiler_options` to your own ``jax.jit`` of a cga_jax training step for the same.
 """
 
 from __future__ import annotations

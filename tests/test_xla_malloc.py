@@ -55,4 +55,5 @@ def test_makefile_and_docs_use_the_same_tunables():
     root = pathlib.Path(__file__).resolve().parents[1]
     want = "GLIBC_TUNABLES=" + ":".join(MALLOC_TUNABLES)
     assert want in (root / "Makefile").read_text()
+    assert want in (root / "README.md").read_text()
     assert want in cga_jax.malloc.__doc__
