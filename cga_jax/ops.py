@@ -1,11 +1,13 @@
 """Convolution kernels, NHWC, with PyTorch's padding semantics.
 
-Three paths, chosen from static shapes, each exact on every backend:
+Four paths, chosen from static shapes, each exact on every backend:
 
 * 1x1, stride 1, dense: a matmul (``einsum``) - faster than a conv on XLA-CPU.
 * depthwise (``groups == C_in == C_out``): a sum of ``kh*kw`` shifted multiply-adds. XLA-CPU runs
   grouped convolutions (``feature_group_count=C``) ~30x slower than PyTorch; the shifted form is on
   par, and XLA fuses it into one loop on GPU/TPU too.
+* other dense convs (``groups == 1``, e.g. the stem): XLA's convolution forward, but an im2col
+  matmul under differentiation (:func:`im2col_conv`), whose gradients are matmuls.
 * anything else: ``lax.conv_general_dilated`` with explicit symmetric padding (``'SAME'`` would pad
   (0, 1) at stride 2 where PyTorch pads (1, 1)).
 """
