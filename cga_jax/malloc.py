@@ -30,19 +30,22 @@ MALLOC_TUNABLES: tuple[str, ...] = (
 )
 
 
+def _names(tunables: str) -> set[str]:
+    """Names of a ``GLIBC_TUNABLES``-style ``name=value:name=value`` string."""
+    return {t.split("=", 1)[0] for t in tunables.split(":") if t}
+
+
 def tuned_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
     """A copy of ``env`` (default ``os.environ``) with :data:`MALLOC_TUNABLES` added to
     ``GLIBC_TUNABLES``; tunables already set there are kept and win."""
     out = dict(os.environ if env is None else env)
-    have = [t for t in out.get("GLIBC_TUNABLES", "").split(":") if t]
-    names = {t.split("=", 1)[0] for t in have}
-    extra = [t for t in MALLOC_TUNABLES if t.split("=", 1)[0] not in names]
-    out["GLIBC_TUNABLES"] = ":".join(have + extra)
+    have = out.get("GLIBC_TUNABLES", "")
+    extra = [t for t in MALLOC_TUNABLES if t.split("=", 1)[0] not in _names(have)]
+    out["GLIBC_TUNABLES"] = ":".join([t for t in have.split(":") if t] + extra)
     return out
 
 
 def is_tuned(env: Mapping[str, str] | None = None) -> bool:
     """Whether every tunable of :data:`MALLOC_TUNABLES` is set (to any value) in ``env``."""
-    have = (os.environ if env is None else env).get("GLIBC_TUNABLES", "")
-    names = {t.split("=", 1)[0] for t in have.split(":") if t}
-    return all(t.split("=", 1)[0] in names for t in MALLOC_TUNABLES)
+    have = _names((os.environ if env is None else env).get("GLIBC_TUNABLES", ""))
+    return _names(":".join(MALLOC_TUNABLES)) <= have
