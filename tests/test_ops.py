@@ -85,3 +85,53 @@ def test_im2col_conv_values_and_gradients_match_lax(stride, padding, cin):
     for a, b in zip(gn, gr, strict=True):
         assert a.shape == b.shape
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "stride,padding,cin,k", [(2, 1, 3, 3), (1, 1, 1, 3), (2, 0, 4, 2), (1, 2, 2, 5)]
+)
+def test_few_channel_conv_values_and_gradients_match_lax(stride, padding, cin, k):
+    """The RGB-stem path: broadcast multiply-adds forward, im2col kernel gradient. Values and
+    both gradients must equal lax's convolution and its autodiff (odd sides, non-square maps)."""
+    rng = np.random.default_rng(stride * 100 + cin * 10 + k)
+    x = jnp.asarray(rng.normal(size=(2, 11, 8, cin)), jnp.float32)
+    kern = jnp.asarray(rng.normal(size=(k, k, cin, 5)), jnp.float32)
+
+    def ref(x, kern):
+        return jax.lax.conv_general_dilated(
+            x, kern, (stride, stride), ((padding, padding), (padding, padding)),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"), precision="highest",
+        )  # fmt: skip
+
+    def new(x, kern):
+        return ops.few_channel_conv(x, kern, stride, padding)
+
+    want = np.asarray(ref(x, kern))
+    np.testing.assert_allclose(np.asarray(new(x, kern)), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(jax.jit(new)(x, kern)), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(ops.conv2d(x, kern, stride, padding)), want, rtol=1e-5, atol=1e-5
+    )
+    w = jnp.asarray(rng.normal(size=want.shape), jnp.float32)
+
+    def loss(f):
+        return lambda x, kern: jnp.sum(f(x, kern) * w)
+
+    gr = jax.grad(loss(ref), (0, 1))(x, kern)
+    gn = jax.jit(jax.grad(loss(new), (0, 1)))(x, kern)
+    for a, b, name in zip(gn, gr, ("input", "kernel"), strict=True):
+        assert a.shape == b.shape, name
+        scale = max(1.0, float(jnp.abs(b).max()))
+        assert float(jnp.abs(a - b).max()) <= 1e-5 * scale, f"{name} gradient differs"
+
+
+def test_few_channel_conv_bf16_accumulates_in_float32():
+    """bf16 in and out, but the 27 terms of an RGB 3x3 tap sum are accumulated in float32: the
+    result is the float32 convolution of the bf16 values, rounded once."""
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.normal(size=(1, 9, 9, 3)), jnp.bfloat16)
+    kern = jnp.asarray(rng.normal(size=(3, 3, 3, 4)), jnp.bfloat16)
+    y = ops.few_channel_conv(x, kern, 2, 1)
+    assert y.dtype == jnp.bfloat16
+    want = ops.few_channel_conv(x.astype(jnp.float32), kern.astype(jnp.float32), 2, 1)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(want.astype(jnp.bfloat16)))
