@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax import lax
 
 from cga_jax.layers import ConvNorm, ReLU
 
@@ -105,6 +106,12 @@ class CascadedGroupAttention(nnx.Module):
     attended in zero-padded ``resolution``-sized windows (:func:`apply_in_windows`), which is what
     the model's :class:`LocalWindowAttention` does.
 
+    When every head has the same kernel size (M0, and custom configs with one ``kernels`` int),
+    the cascade runs as one ``lax.scan`` over the heads' stacked parameters: XLA compiles one head
+    instead of ``num_heads`` (the M0 training step compiled ~10% faster, at the same speed). Mixed
+    sizes (M1-M5: 7, 5, 3) run as an unrolled loop: zero-padding the smaller kernels to scan them
+    compiled M5's training step 15% faster but ran it 7% slower.
+
     Args:
       dim: input/output channels; must be divisible by ``num_heads``.
       key_dim: channels of q and k per head.
@@ -190,30 +197,74 @@ class CascadedGroupAttention(nnx.Module):
         self.attention_biases = nnx.Param(jnp.asarray(new, dtype=old.dtype))
         self.resolution = resolution
 
-    def _attend(self, x: jax.Array) -> jax.Array:
-        """One window per batch entry: (B, resolution, resolution, dim) -> same shape."""
-        b, h, w, _ = x.shape
+    def _head(self, qkv_m: nnx.Module, dw_m: nnx.Module, feat: jax.Array, bias: jax.Array):
+        """One head: feat (B, h, w, dim/heads), bias (N, N) -> (B, h, w, val_dim)."""
+        b, h, w, _ = feat.shape
         n = h * w
         kd, vd = self.key_dim, self.val_dim
-        splits = jnp.split(x, self.num_heads, axis=-1)
-        soft_dtype = jnp.promote_types(x.dtype, jnp.float32)  # softmax in >= f32 (bf16 inputs)
-        bias = self.bias().astype(soft_dtype)
+        qkv = qkv_m(feat)  # (B, h, w, 2kd + vd)
+        q, k, v = qkv[..., :kd], qkv[..., kd : 2 * kd], qkv[..., 2 * kd :]
+        q = dw_m(q)
+        q = q.reshape(b, n, kd) * self.scale
+        k = k.reshape(b, n, kd)
+        v = v.reshape(b, n, vd)
+        logits = jnp.einsum("bnc,bmc->bnm", q, k).astype(bias.dtype) + bias
+        attn = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        return jnp.einsum("bnm,bmc->bnc", attn, v).reshape(b, h, w, vd)
+
+    def _cascade_loop(self, splits: list[jax.Array], bias: jax.Array) -> list[jax.Array]:
         outs = []
         feat = splits[0]
         for i in range(self.num_heads):
             if i > 0:
                 feat = feat + splits[i]
-            qkv = self.qkvs[i](feat)  # (B, h, w, 2kd + vd)
-            q, k, v = qkv[..., :kd], qkv[..., kd : 2 * kd], qkv[..., 2 * kd :]
-            q = self.dws[i](q)
-            q = q.reshape(b, n, kd) * self.scale
-            k = k.reshape(b, n, kd)
-            v = v.reshape(b, n, vd)
-            logits = jnp.einsum("bnc,bmc->bnm", q, k).astype(soft_dtype) + bias[i]
-            attn = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-            feat = jnp.einsum("bnm,bmc->bnc", attn, v).reshape(b, h, w, vd)
+            feat = self._head(self.qkvs[i], self.dws[i], feat, bias[i])
             outs.append(feat)
-        y = jnp.concatenate(outs, axis=-1)
+        return outs
+
+    def _cascade_scan(self, x: jax.Array, bias: jax.Array) -> jax.Array:
+        """The cascade as one ``lax.scan`` over heads with stacked per-head parameters.
+
+        x: (B, h, w, dim) -> heads' outputs (num_heads, B, h, w, val_dim). XLA compiles one head
+        instead of ``num_heads``; BatchNorm running statistics come out of the scan stacked and
+        are written back to each head's module.
+        """
+        b, h, w, _ = x.shape
+        nh = self.num_heads
+        splits = jnp.moveaxis(x.reshape(b, h, w, nh, -1), 3, 0)  # (heads, B, h, w, split)
+        qkv_def = nnx.graphdef(self.qkvs[0])
+        qkv_states = [nnx.state(m) for m in self.qkvs]
+        dw_def = nnx.graphdef(self.dws[0])
+        dw_states = [nnx.state(m) for m in self.dws]
+        stack = functools.partial(jax.tree.map, lambda *a: jnp.stack(a))
+
+        def body(feat, xs):
+            split, qkv_st, dw_st, bias_i = xs
+            qkv_m, dw_m = nnx.merge(qkv_def, qkv_st), nnx.merge(dw_def, dw_st)
+            feat = self._head(qkv_m, dw_m, feat + split, bias_i)
+            stats = (nnx.state(qkv_m, nnx.BatchStat), nnx.state(dw_m, nnx.BatchStat))
+            return feat, (feat, stats)
+
+        # feat starts at 0: head 0 sees 0 + split_0 == split_0 exactly.
+        init = jnp.zeros_like(splits[0])
+        _, (outs, (qkv_stats, dw_stats)) = lax.scan(
+            body, init, (splits, stack(*qkv_states), stack(*dw_states), bias)
+        )
+        for i in range(nh):
+            nnx.update(self.qkvs[i], jax.tree.map(lambda a, i=i: a[i], qkv_stats))
+            nnx.update(self.dws[i], jax.tree.map(lambda a, i=i: a[i], dw_stats))
+        return outs
+
+    def _attend(self, x: jax.Array) -> jax.Array:
+        """One window per batch entry: (B, resolution, resolution, dim) -> same shape."""
+        b, h, w, _ = x.shape
+        soft_dtype = jnp.promote_types(x.dtype, jnp.float32)  # softmax in >= f32 (bf16 inputs)
+        bias = self.bias().astype(soft_dtype)
+        if self.num_heads > 1 and len(set(self.kernels)) == 1:
+            outs = self._cascade_scan(x, bias)
+            y = jnp.moveaxis(outs, 0, 3).reshape(b, h, w, -1)
+        else:
+            y = jnp.concatenate(self._cascade_loop(jnp.split(x, self.num_heads, axis=-1), bias), -1)
         for layer in self.proj:
             y = layer(y)
         return y
