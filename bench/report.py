@@ -114,7 +114,8 @@ def markdown(run: dict[str, Any]) -> str:
         "official `replace_batchnorm`.",
         f"- every contestant in its own process; the contestants of a case are timed "
         f"alternately (A B A B ...), {o['repeats']} repeats after {o['warmup']} warm-up "
-        "iterations; img/s is the median over repeats (± half the range).",
+        f"iterations, each repeat after {o.get('rewarm', 0)} untimed iteration(s) of its own; "
+        "img/s is the median over repeats (± half the range).",
         "- same random weights (timm layout, calibrated BN statistics) and the same input "
         "for every framework; 'rel. diff' = max|cga_jax - other| / max(1, max|other|).",
         "- peak RSS = `ru_maxrss` of each contestant's process (imports included).",

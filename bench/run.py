@@ -45,6 +45,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, help="timed repeats per contestant (default 7)")
     ap.add_argument("--warmup", type=int, help="untimed iterations after the first call (3)")
     ap.add_argument(
+        "--rewarm",
+        type=int,
+        help="untimed iterations at the start of every timed repeat (1; 0 with --quick)",
+    )
+    ap.add_argument(
         "--iters-scale",
         type=float,
         help="multiply the iterations per repeat (30 official, 8 threads2, 3 train)",
@@ -92,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         "quick": quick,
         "repeats": args.repeats if args.repeats is not None else (2 if quick else 7),
         "warmup": args.warmup if args.warmup is not None else (1 if quick else 3),
+        "rewarm": args.rewarm if args.rewarm is not None else (0 if quick else 1),
         "iters_scale": args.iters_scale or (0.05 if quick else 1.0),
         "fused_impl": args.fused_impl,
         "malloc": args.malloc,

@@ -141,6 +141,7 @@ def _spec(case: Case, c: Contestant, opts: dict[str, Any], files: dict[str, str]
         "cpus": pick_cpus(case.threads),
         "iters": case.iters,
         "warmup": opts["warmup"] if case.repeats != 0 else 0,
+        "rewarm": opts.get("rewarm", 0),
         "weights": files["weights"],
         "onnx": files.get(f"onnx_b{case.batch}"),
         "fused_impl": opts["fused_impl"],
