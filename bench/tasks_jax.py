@@ -39,7 +39,7 @@ def build_infer(spec: dict[str, Any]) -> Task:
         model = fold(model)
         info["fold"] = name
     graphdef, state = nnx.split(model)
-    forward = jax.jit(lambda st, x: nnx.merge(graphdef, st)(x))
+    forward = jax.jit(lambda st, x: nnx.merge(graphdef, st)(x), compiler_options=compiler_options())
     x = jnp.asarray(inputs_nhwc(spec["batch"]))
 
     def step() -> jax.Array:

@@ -1,13 +1,18 @@
-"""XLA compiler options for cga_jax's training step (``jax.jit(..., compiler_options=...)``).
+"""XLA compiler options for cga_jax's jits (``jax.jit(..., compiler_options=...)``).
 
-On XLA-CPU, recent jaxlibs hand reductions and elementwise fusions to YNNPACK. For this model's
-training step that was slower: BatchNorm statistics, depthwise-kernel gradients and their
-producers became separate YNNPACK calls that each wrote their input to memory first. Keeping
-YNNPACK for matmuls only (``LIBRARY_FUSION_TYPE_DOT``) made the M0 training step (batch 64, two
-threads) ~10-20% faster in A/B runs in one process (docs/bench.md). The folded *inference*
-forward went the other way (M0, batch 16, one thread: 156 vs 188 img/s, and 40% longer to
-compile), so cga_jax passes these options to its training step only. Other backends get none.
-Pass :func:`compiler_options` to your own ``jax.jit`` of a cga_jax training step for the same.
+On XLA-CPU, jaxlib 0.10 hands matmuls, reductions and dense convolutions to YNNPACK by default.
+Two of those were slow for this model: YNNPACK's reductions took their input materialised (every
+BatchNorm statistic and depthwise-kernel gradient of the training step became a write + read),
+and its convolutions ran on one thread whatever the thread pool (the stem's 3x3 stride-2 convs:
+18 / 13 / 11 ms at batch 64 on two threads, against 9 / 6 / 5 ms through XLA's own convolution).
+:data:`CPU_OPTIONS` keeps YNNPACK for individual matmuls only
+(``LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT``). Measured on a 2-core AVX-512 VM (docs/bench.md): the folded forward at batch 64 on two threads
+went from 690 to 755 img/s (M0) and from 315 to 364 img/s (M4); at batch 16 on one thread
+548 -> 584 (M0) and unchanged (M4); the first call got faster too. The training step runs as
+fast as with matmuls-and-fusions (``LIBRARY_FUSION_TYPE_DOT``), which was ~10-20% faster than
+the default. cga_jax passes these options to its training and evaluation steps, and the
+benchmark to every cga_jax function; pass :func:`compiler_options` to your own ``jax.jit`` of a
+cga_jax model for the same. Other backends get none.
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-CPU_OPTIONS: dict[str, str] = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
+CPU_OPTIONS: dict[str, str] = {
+    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
+}
 
 
 @functools.cache

@@ -57,3 +57,25 @@ def test_makefile_and_docs_use_the_same_tunables():
     assert want in (root / "Makefile").read_text()
     assert want in (root / "README.md").read_text()
     assert want in cga_jax.malloc.__doc__
+
+
+def test_cpu_options_keep_convolutions_out_of_ynnpack_and_results_equal():
+    """A stem-like 3x3 stride-2 convolution goes to XLA's own (multi-threaded) convolution."""
+
+    def f(x, k):
+        return jax.lax.conv_general_dilated(
+            x, k, (2, 2), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(8, 56, 56, 16)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(3, 3, 16, 32)), jnp.float32)
+    tuned = jax.jit(f, compiler_options=compiler_options())
+    if jax.default_backend() == "cpu" and compiler_options() is not None:
+        # the program is this one convolution: nothing of it may be a YNNPACK fusion (jaxlib
+        # 0.10's default makes it one, single-threaded)
+        text = tuned.lower(x, k).compile().as_text()
+        assert "ynn_fusion" not in text and "convolution(" in text
+    np.testing.assert_allclose(
+        np.asarray(tuned(x, k)), np.asarray(jax.jit(f)(x, k)), rtol=1e-4, atol=1e-4
+    )

@@ -183,9 +183,9 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
         train_step,
         donate_argnums=(0,),
         out_shardings=(state_sh, repl),
-        compiler_options=compiler_options(),  # training only: inference is faster without
+        compiler_options=compiler_options(),
     )
-    p_eval = jax.jit(eval_step, out_shardings=(repl, repl))
+    p_eval = jax.jit(eval_step, out_shardings=(repl, repl), compiler_options=compiler_options())
 
     loader = data_lib.train_loader(cfg, train_src, pid, nproc, seed=cfg.seed)
     it = iter(loader)
