@@ -6,6 +6,7 @@ References: timm's own ``LocalWindowAttention`` / ``CascadedGroupAttention`` mod
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -111,6 +112,57 @@ def test_window_partition_is_exact_tiling():
     xp = np.pad(np.asarray(x), ((0, 0), (0, 2), (0, 3), (0, 0)))
     tile = xp[:, 4:8, 8:12].mean((1, 2))
     np.testing.assert_allclose(np.asarray(y)[:, 5, 9], tile, rtol=1e-6)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_scanned_cascade_equals_the_loop(train):
+    """Equal kernels run the head cascade as a lax.scan: outputs, gradients and every head's BN
+    running statistics must match the unrolled loop (the path of mixed kernel sizes)."""
+
+    def build():
+        m = CascadedGroupAttention(24, 8, 3, resolution=4, kernels=3, rngs=nnx.Rngs(0))
+        randomize_nnx(m, seed=5)
+        m.train() if train else m.eval()
+        return m
+
+    def loop_attend(m, x):  # the same module, forced through the unrolled loop
+        b, h, w, _ = x.shape
+        bias = m.bias().astype(jnp.float32)
+        y = jnp.concatenate(m._cascade_loop(jnp.split(x, m.num_heads, axis=-1), bias), -1)
+        for layer in m.proj:
+            y = layer(y)
+        return y
+
+    x = jnp.asarray(np.random.RandomState(1).randn(2, 4, 4, 24).astype(np.float32))
+    scanned, looped = build(), build()
+    assert scanned.num_heads > 1 and len(set(scanned.kernels)) == 1  # takes the scan
+
+    def loss_scan(m):
+        return jnp.mean(m(x) ** 2)
+
+    def loss_loop(m):
+        return jnp.mean(loop_attend(m, x) ** 2)
+
+    ls, gs = nnx.jit(nnx.value_and_grad(loss_scan))(scanned)
+    ll, gl = nnx.jit(nnx.value_and_grad(loss_loop))(looped)
+    np.testing.assert_allclose(float(ls), float(ll), rtol=1e-6)
+    flat_s = jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(gs))
+    flat_l = dict(jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(gl)))
+    for path, g in flat_s:
+        np.testing.assert_allclose(g, flat_l[path], rtol=1e-5, atol=1e-6, err_msg=str(path))
+    stats_s = nnx.to_pure_dict(nnx.state(scanned, nnx.BatchStat))
+    stats_l = dict(
+        jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(nnx.state(looped, nnx.BatchStat)))
+    )
+    moved = 0
+    before = dict(
+        jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(nnx.state(build(), nnx.BatchStat)))
+    )
+    for path, v in jax.tree_util.tree_leaves_with_path(stats_s):
+        np.testing.assert_allclose(v, stats_l[path], rtol=1e-6, atol=1e-7, err_msg=str(path))
+        moved += int(not np.allclose(v, before[path]))
+    # training updates every BN of every head (qkv and dw of 3 heads, and proj); eval none
+    assert moved == (14 if train else 0)
 
 
 def test_layer_trains_under_grad():
