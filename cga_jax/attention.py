@@ -106,11 +106,13 @@ class CascadedGroupAttention(nnx.Module):
     attended in zero-padded ``resolution``-sized windows (:func:`apply_in_windows`), which is what
     the model's :class:`LocalWindowAttention` does.
 
-    When every head has the same kernel size (M0, and custom configs with one ``kernels`` int),
-    the cascade runs as one ``lax.scan`` over the heads' stacked parameters: XLA compiles one head
-    instead of ``num_heads`` (the M0 training step compiled ~10% faster, at the same speed). Mixed
-    sizes (M1-M5: 7, 5, 3) run as an unrolled loop: zero-padding the smaller kernels to scan them
-    compiled M5's training step 15% faster but ran it 7% slower.
+    In training mode, when every head has the same kernel size (M0, M3, and custom configs with
+    one ``kernels`` int), the cascade runs as one ``lax.scan`` over the heads' stacked parameters:
+    XLA compiles one head instead of ``num_heads`` (the M0 training step compiled ~10% faster, at
+    the same speed). Inference, and mixed sizes (M1, M2, M4, M5: 7, 5, 3), run as an unrolled loop:
+    in the folded forward the scan's stacked buffers cost M3 ~10% (batch 16, one thread), and
+    zero-padding the smaller kernels to scan them compiled M5's training step 15% faster but ran
+    it 7% slower.
 
     Args:
       dim: input/output channels; must be divisible by ``num_heads``.
@@ -255,12 +257,17 @@ class CascadedGroupAttention(nnx.Module):
             nnx.update(self.dws[i], jax.tree.map(lambda a, i=i: a[i], dw_stats))
         return outs
 
+    def _training(self) -> bool:
+        """Whether the heads' BatchNorms use batch statistics (train mode, not folded)."""
+        bn = self.qkvs[0].bn
+        return bn is not None and not bn.use_running_average
+
     def _attend(self, x: jax.Array) -> jax.Array:
         """One window per batch entry: (B, resolution, resolution, dim) -> same shape."""
         b, h, w, _ = x.shape
         soft_dtype = jnp.promote_types(x.dtype, jnp.float32)  # softmax in >= f32 (bf16 inputs)
         bias = self.bias().astype(soft_dtype)
-        if self.num_heads > 1 and len(set(self.kernels)) == 1:
+        if self.num_heads > 1 and len(set(self.kernels)) == 1 and self._training():
             outs = self._cascade_scan(x, bias)
             y = jnp.moveaxis(outs, 0, 3).reshape(b, h, w, -1)
         else:
