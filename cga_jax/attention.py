@@ -110,7 +110,7 @@ class CascadedGroupAttention(nnx.Module):
     one ``kernels`` int), the cascade runs as one ``lax.scan`` over the heads' stacked parameters:
     XLA compiles one head instead of ``num_heads`` (the M0 training step compiled ~10% faster, at
     the same speed). Inference, and mixed sizes (M1, M2, M4, M5: 7, 5, 3), run as an unrolled loop:
-    in the folded forward the scan's stacked buffers cost M3 ~10% (batch 16, one thread), and
+    in the folded forward the scan's stacked buffers cost M3 6-7% (batch 16, one thread), and
     zero-padding the smaller kernels to scan them compiled M5's training step 15% faster but ran
     it 7% slower.
 
@@ -214,7 +214,9 @@ class CascadedGroupAttention(nnx.Module):
         attn = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
         return jnp.einsum("bnm,bmc->bnc", attn, v).reshape(b, h, w, vd)
 
-    def _cascade_loop(self, splits: list[jax.Array], bias: jax.Array) -> list[jax.Array]:
+    def _cascade_loop(self, x: jax.Array, bias: jax.Array) -> jax.Array:
+        """The cascade as an unrolled loop: x (B, h, w, dim) -> (B, h, w, num_heads * val_dim)."""
+        splits = jnp.split(x, self.num_heads, axis=-1)
         outs = []
         feat = splits[0]
         for i in range(self.num_heads):
@@ -222,14 +224,14 @@ class CascadedGroupAttention(nnx.Module):
                 feat = feat + splits[i]
             feat = self._head(self.qkvs[i], self.dws[i], feat, bias[i])
             outs.append(feat)
-        return outs
+        return jnp.concatenate(outs, axis=-1)
 
     def _cascade_scan(self, x: jax.Array, bias: jax.Array) -> jax.Array:
         """The cascade as one ``lax.scan`` over heads with stacked per-head parameters.
 
-        x: (B, h, w, dim) -> heads' outputs (num_heads, B, h, w, val_dim). XLA compiles one head
-        instead of ``num_heads``; BatchNorm running statistics come out of the scan stacked and
-        are written back to each head's module.
+        x: (B, h, w, dim) -> (B, h, w, num_heads * val_dim), as :meth:`_cascade_loop`. XLA
+        compiles one head instead of ``num_heads``; BatchNorm running statistics come out of the
+        scan stacked and are written back to each head's module.
         """
         b, h, w, _ = x.shape
         nh = self.num_heads
@@ -255,7 +257,7 @@ class CascadedGroupAttention(nnx.Module):
         for i in range(nh):
             nnx.update(self.qkvs[i], jax.tree.map(lambda a, i=i: a[i], qkv_stats))
             nnx.update(self.dws[i], jax.tree.map(lambda a, i=i: a[i], dw_stats))
-        return outs
+        return jnp.moveaxis(outs, 0, 3).reshape(b, h, w, -1)
 
     def _training(self) -> bool:
         """Whether the heads' BatchNorms use batch statistics (train mode, not folded)."""
@@ -264,14 +266,12 @@ class CascadedGroupAttention(nnx.Module):
 
     def _attend(self, x: jax.Array) -> jax.Array:
         """One window per batch entry: (B, resolution, resolution, dim) -> same shape."""
-        b, h, w, _ = x.shape
         soft_dtype = jnp.promote_types(x.dtype, jnp.float32)  # softmax in >= f32 (bf16 inputs)
         bias = self.bias().astype(soft_dtype)
         if self.num_heads > 1 and len(set(self.kernels)) == 1 and self._training():
-            outs = self._cascade_scan(x, bias)
-            y = jnp.moveaxis(outs, 0, 3).reshape(b, h, w, -1)
+            y = self._cascade_scan(x, bias)
         else:
-            y = jnp.concatenate(self._cascade_loop(jnp.split(x, self.num_heads, axis=-1), bias), -1)
+            y = self._cascade_loop(x, bias)
         for layer in self.proj:
             y = layer(y)
         return y

@@ -131,7 +131,14 @@ def _im2col(x: jax.Array, kh: int, kw: int, stride: int, padding: int) -> jax.Ar
     return taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)
 
 
-def _im2col_grads(cols, kernel, x_aval, g, stride, padding):
+def _im2col_grads(
+    cols: jax.Array,
+    kernel: jax.Array,
+    x_aval: jax.ShapeDtypeStruct,
+    g: jax.Array,
+    stride: int,
+    padding: int,
+) -> tuple[jax.Array, jax.Array]:
     """Gradients of ``cols @ kernel`` through the im2col gather.
 
     cols: (B, Ho, Wo, kh*kw*Ci); kernel: (kh, kw, Ci, Co); g: (B, Ho, Wo, Co) ->

@@ -126,9 +126,7 @@ def test_scanned_cascade_equals_the_loop(train):
         return m
 
     def loop_attend(m, x):  # the same module, forced through the unrolled loop
-        b, h, w, _ = x.shape
-        bias = m.bias().astype(jnp.float32)
-        y = jnp.concatenate(m._cascade_loop(jnp.split(x, m.num_heads, axis=-1), bias), -1)
+        y = m._cascade_loop(x, m.bias().astype(jnp.float32))
         for layer in m.proj:
             y = layer(y)
         return y
