@@ -6,18 +6,21 @@ BatchNorm statistic and depthwise-kernel gradient of the training step became a 
 and its convolutions ran on one thread whatever the thread pool (the stem's 3x3 stride-2 convs:
 18 / 13 / 11 ms at batch 64 on two threads, against 9 / 6 / 5 ms through XLA's own convolution).
 :data:`CPU_OPTIONS` keeps YNNPACK for individual matmuls only
-(``LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT``). Measured on a 2-core AVX-512 VM (docs/bench.md): the folded forward at batch 64 on two threads
-went from 690 to 755 img/s (M0) and from 315 to 364 img/s (M4); at batch 16 on one thread
-548 -> 584 (M0) and unchanged (M4); the first call got faster too. The training step runs as
-fast as with matmuls-and-fusions (``LIBRARY_FUSION_TYPE_DOT``), which was ~10-20% faster than
-the default. cga_jax passes these options to its training and evaluation steps, and the
-benchmark to every cga_jax function; pass :func:`compiler_options` to your own ``jax.jit`` of a
-cga_jax model for the same. Other backends get none.
+(``LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT``). Measured on a 2-core AVX-512 VM (docs/bench.md): the
+folded forward at batch 64 on two threads went from 690 to 755 img/s (M0) and from 315 to 364
+img/s (M4); at batch 16 on one thread 548 -> 584 (M0) and unchanged (M4); the first call got
+faster too. The training step runs as fast as with matmuls-and-fusions
+(``LIBRARY_FUSION_TYPE_DOT``), which was ~10-20% faster than the default. Every jit of cga_jax
+uses these options (the trainer's steps, :func:`jit` for ``evaluate``/``predict``), and so does
+the benchmark; pass :func:`compiler_options` to your own ``jax.jit`` of a cga_jax model for the
+same. Other backends get none.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -46,3 +49,25 @@ def compiler_options(backend: str | None = None) -> dict[str, str] | None:
     if (backend or jax.default_backend()) != "cpu" or not _cpu_options_supported():
         return None
     return dict(CPU_OPTIONS)
+
+
+def jit(fun: Callable | None = None, **jit_kwargs: Any) -> Callable:
+    """``jax.jit(fun, compiler_options=compiler_options(), **jit_kwargs)``, built at the first call.
+
+    For module-level jitted functions (usable as ``@jit`` or ``@jit(static_argnames=...)``):
+    :func:`compiler_options` asks for the default backend, which must not happen at import time
+    (before ``jax.distributed.initialize``).
+    """
+    if fun is None:
+        return functools.partial(jit, **jit_kwargs)
+
+    @functools.cache
+    def build() -> Callable:
+        return jax.jit(fun, compiler_options=compiler_options(), **jit_kwargs)
+
+    @functools.wraps(fun)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return build()(*args, **kwargs)
+
+    call.jitted = build  # the underlying jax.jit function (built on first use)
+    return call

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cga_jax import xla_options
 from cga_jax.malloc import MALLOC_TUNABLES, is_tuned, tuned_env
 from cga_jax.xla_options import CPU_OPTIONS, compiler_options
 
@@ -79,3 +80,22 @@ def test_cpu_options_keep_convolutions_out_of_ynnpack_and_results_equal():
     np.testing.assert_allclose(
         np.asarray(tuned(x, k)), np.asarray(jax.jit(f)(x, k)), rtol=1e-4, atol=1e-4
     )
+
+
+def test_lazy_jit_carries_the_options_and_static_args():
+    """``xla_options.jit`` (evaluate/predict) compiles with the same options as the trainer."""
+
+    @xla_options.jit(static_argnames=("stride",))
+    def f(x, k, stride):
+        return jax.lax.conv_general_dilated(
+            x, k, (stride, stride), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.normal(size=(8, 56, 56, 16)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(3, 3, 16, 32)), jnp.float32)
+    assert f(x, k, stride=2).shape == (8, 28, 28, 32)
+    assert f(x, k, stride=1).shape == (8, 56, 56, 32)
+    if jax.default_backend() == "cpu" and compiler_options() is not None:
+        text = f.jitted().lower(x, k, stride=2).compile().as_text()
+        assert "ynn_fusion" not in text and "convolution(" in text
