@@ -1,19 +1,20 @@
 """XLA compiler options for cga_jax's jits (``jax.jit(..., compiler_options=...)``).
 
 On XLA-CPU, jaxlib 0.10 hands matmuls, reductions and dense convolutions to YNNPACK by default.
-Two of those were slow for this model: YNNPACK's reductions took their input materialised (every
-BatchNorm statistic and depthwise-kernel gradient of the training step became a write + read),
-and its convolutions ran on one thread whatever the thread pool (the stem's 3x3 stride-2 convs:
-18 / 13 / 11 ms at batch 64 on two threads, against 9 / 6 / 5 ms through XLA's own convolution).
-:data:`CPU_OPTIONS` keeps YNNPACK for individual matmuls only
-(``LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT``). Measured on a 2-core AVX-512 VM (docs/bench.md): the
-folded forward at batch 64 on two threads went from 690 to 755 img/s (M0) and from 315 to 364
-img/s (M4); at batch 16 on one thread 548 -> 584 (M0) and unchanged (M4); the first call got
-faster too. The training step runs as fast as with matmuls-and-fusions
-(``LIBRARY_FUSION_TYPE_DOT``), which was ~10-20% faster than the default. Every jit of cga_jax
-uses these options (the trainer's steps, :func:`jit` for ``evaluate``/``predict``), and so does
-the benchmark; pass :func:`compiler_options` to your own ``jax.jit`` of a cga_jax model for the
-same. Other backends get none.
+None of the three paid off for this model: YNNPACK's reductions took their input materialised
+(every BatchNorm statistic and depthwise-kernel gradient of the training step became a write +
+read), its convolutions ran on one thread whatever the thread pool (the stem's 3x3 stride-2 convs:
+18 / 13 / 11 ms at batch 64 on two threads, against 9 / 6 / 5 ms through XLA's own convolution),
+and its matmuls were slower than XLA's own (Eigen) dot on the 1x1-conv shapes of EfficientViT.
+:data:`CPU_OPTIONS` therefore turns YNNPACK off (an empty ``xla_cpu_experimental_ynn_fusion_type``).
+Measured on a 2-core AVX-512 VM (docs/bench.md), folded forward, batch 16, one thread, against
+YNNPACK for individual matmuls only: M0 31.5 -> 30.3 ms, M1 52.7 -> 49.9, M3 74.8 -> 69.4, M5
+128.6 -> 119.8; batch 64 on two threads M0 81.8 -> 80.8 ms, M4 210.8 -> 204.8; the M0 training
+step the same or ~2% faster. Against jaxlib's default (everything to YNNPACK) the folded forward
+at batch 64 on two threads had already gone from 690 to 755 img/s (M0) and 315 to 364 (M4) with
+matmuls-only. Every jit of cga_jax uses these options (the trainer's steps, :func:`jit` for
+``evaluate``/``predict``), and so does the benchmark; pass :func:`compiler_options` to your own
+``jax.jit`` of a cga_jax model for the same. Other backends get none.
 """
 
 from __future__ import annotations
@@ -25,9 +26,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-CPU_OPTIONS: dict[str, str] = {
-    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
-}
+CPU_OPTIONS: dict[str, str] = {"xla_cpu_experimental_ynn_fusion_type": ""}  # no YNNPACK fusions
 
 
 @functools.cache

@@ -82,6 +82,24 @@ def test_cpu_options_keep_convolutions_out_of_ynnpack_and_results_equal():
     )
 
 
+def test_cpu_options_keep_matmuls_out_of_ynnpack_and_results_equal():
+    """A 1x1-conv-like matmul + bias + ReLU is XLA's own dot (faster here than YNNPACK's)."""
+
+    def f(x, w, b):
+        return jax.nn.relu(x @ w + b)
+
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(784, 240)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(240, 480)) / 16, jnp.float32)
+    b = jnp.asarray(rng.normal(size=(480,)), jnp.float32)
+    tuned = jax.jit(f, compiler_options=compiler_options())
+    if jax.default_backend() == "cpu" and compiler_options() is not None:
+        text = tuned.lower(x, w, b).compile().as_text()
+        assert "ynn_fusion" not in text and " dot(" in text
+    ref = np.maximum(np.asarray(x, np.float64) @ np.asarray(w, np.float64) + np.asarray(b), 0.0)
+    np.testing.assert_allclose(np.asarray(tuned(x, w, b)), ref, rtol=1e-4, atol=1e-4)
+
+
 def test_lazy_jit_carries_the_options_and_static_args():
     """``xla_options.jit`` (evaluate/predict) compiles with the same options as the trainer."""
 
