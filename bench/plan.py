@@ -13,7 +13,11 @@ JAX = "cga_jax"
 class Contestant:
     label: str  # shown in the report, e.g. "PyTorch traced"
     kind: str  # worker module: cga_jax | torch | ort
-    mode: str  # cga_jax: folded | unfolded; torch: traced | eager; ort: onnx
+    mode: str  # cga_jax: folded | sharded | unfolded; torch: traced | eager; ort: onnx; train
+
+    def devices(self, threads: int) -> int:
+        """XLA host devices of a cga_jax process: one per thread for ``sharded``, else one."""
+        return threads if self.kind == "cga_jax" and self.mode == "sharded" else 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +43,10 @@ def short(variant: str) -> str:
 
 
 JAX_FOLDED = Contestant(JAX, "cga_jax", "folded")
+# Data-parallel over one XLA host device per thread, the batch sharded (as cga_jax.evaluate runs
+# on several devices); the single-device run is reported beside it.
+JAX_SHARDED = Contestant(JAX, "cga_jax", "sharded")
+JAX_ONE_DEVICE = Contestant("cga_jax 1 device", "cga_jax", "folded")
 JAX_TRAIN = Contestant(JAX, "cga_jax", "train")
 TORCH_TRACED = Contestant("PyTorch traced", "torch", "traced")
 TORCH_EAGER = Contestant("PyTorch eager", "torch", "eager")
@@ -67,7 +75,8 @@ def build_plan(variants: dict[str, tuple[str, ...]], scale: float = 1.0) -> list
         )  # fmt: skip
     for v in variants.get("threads2", ()):
         cases.append(
-            Case("threads2", v, "infer", 64, 2, (JAX_FOLDED, TORCH_EAGER, ORT), n(8),
+            Case("threads2", v, "infer", 64, 2, (JAX_SHARDED, JAX_ONE_DEVICE, TORCH_EAGER, ORT),
+                 n(8),
                  targets=(("PyTorch eager", 1.3), ("ONNX Runtime", 1.0)))
         )  # fmt: skip
     for v in variants.get("train", ()):

@@ -137,13 +137,14 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shutil.rmtree(tmp, ignore_errors=True)
     desc["load_average_end"] = machine.load_average()
-    kinds = {(x.kind, c.threads) for c in cases for x in c.contestants}
+    kinds = {(x.kind, c.threads, x.devices(c.threads)) for c in cases for x in c.contestants}
     run = {
         "machine": desc,
         "options": {k: v for k, v in opts.items() if k != "tmp"},
         "fold_impl": fold_impl,
         "thread_settings": {
-            f"{k} @ {t} thread(s)": thread_settings(k, t) for k, t in sorted(kinds)
+            f"{k} @ {t} thread(s)" + (f", {d} devices" if d > 1 else ""): thread_settings(k, t, d)
+            for k, t, d in sorted(kinds)
         },
         "total_s": time.perf_counter() - t0,
         "results": results,

@@ -33,9 +33,10 @@ def pick_cpus(threads: int) -> list[int]:
     return allowed[:threads]
 
 
-def worker_env(kind: str, threads: int) -> dict[str, str]:
+def worker_env(kind: str, threads: int, devices: int = 1) -> dict[str, str]:
     """Environment of a contestant process: thread counts for every runtime, CPU-only JAX/torch,
-    and for cga_jax at one thread XLA's single-threaded Eigen (affinity does the rest)."""
+    for cga_jax at one thread XLA's single-threaded Eigen (affinity does the rest), and for
+    cga_jax on ``devices`` > 1 that many XLA host devices."""
     env = dict(os.environ)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         env[var] = str(threads)
@@ -45,18 +46,26 @@ def worker_env(kind: str, threads: int) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     if kind == "cga_jax" and threads == 1:
         env["XLA_FLAGS"] = " ".join(filter(None, [env.get("XLA_FLAGS"), XLA_ONE_THREAD]))
+    if kind == "cga_jax" and devices > 1:
+        flag = f"--xla_force_host_platform_device_count={devices}"
+        env["XLA_FLAGS"] = " ".join(filter(None, [env.get("XLA_FLAGS"), flag]))
     if MALLOC == "tuned":
         env = tuned_env(env)
     return env
 
 
-def thread_settings(kind: str, threads: int) -> str:
+def thread_settings(kind: str, threads: int, devices: int = 1) -> str:
     """How ``threads`` is enforced, in words (for the report)."""
     pin = f"affinity {threads} CPU(s), OMP/MKL_NUM_THREADS={threads}"
     if MALLOC == "tuned":
         pin += ", GLIBC_TUNABLES=" + ":".join(MALLOC_TUNABLES)
     if kind == "cga_jax":
         extra = f"XLA_FLAGS='{XLA_ONE_THREAD}'" if threads == 1 else "XLA default thread pool"
+        if devices > 1:
+            extra += (
+                f", {devices} host devices (--xla_force_host_platform_device_count={devices}),"
+                " batch sharded over them"
+            )
         return f"{pin}, {extra}"
     if kind == "torch":
         return f"{pin}, torch.set_num_threads({threads}), set_num_interop_threads(1)"
@@ -75,7 +84,7 @@ class Worker:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._log,
-            env=worker_env(spec["kind"], spec["threads"]),
+            env=worker_env(spec["kind"], spec["threads"], spec["devices"]),
             cwd=REPO,
             text=True,
         )
@@ -138,6 +147,7 @@ def _spec(case: Case, c: Contestant, opts: dict[str, Any], files: dict[str, str]
         "variant": case.variant,
         "batch": case.batch,
         "threads": case.threads,
+        "devices": c.devices(case.threads),
         "cpus": pick_cpus(case.threads),
         "iters": case.iters,
         "warmup": opts["warmup"] if case.repeats != 0 else 0,
@@ -188,7 +198,7 @@ def run_case(case: Case, opts: dict[str, Any], files: dict[str, str], log=print)
                     "label": c.label,
                     "kind": c.kind,
                     "mode": c.mode,
-                    "threads": thread_settings(c.kind, case.threads),
+                    "threads": thread_settings(c.kind, case.threads, c.devices(case.threads)),
                     "seconds": times[c.label],
                     **_summarise(times[c.label], images),
                     **info,

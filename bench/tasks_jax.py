@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import cga_jax
 from bench.common import LR, WEIGHT_DECAY, inputs_nhwc, labels
@@ -30,17 +31,36 @@ def _load(spec: dict[str, Any]) -> nnx.Module:
 
 
 def build_infer(spec: dict[str, Any]) -> Task:
-    """Eval forward, jitted with the parameters as arguments (not baked-in constants)."""
+    """Eval forward, jitted with the parameters as arguments (not baked-in constants).
+
+    Mode ``sharded``: the folded model data-parallel over every XLA device of the process (the
+    batch sharded along a one-axis mesh, the weights replicated), as :func:`cga_jax.evaluate`
+    runs.
+    """
     model = _load(spec)
     model.eval()
-    info: dict[str, Any] = {"fold": "none"}
-    if spec.get("mode", "folded") == "folded":
+    mode = spec.get("mode", "folded")
+    info: dict[str, Any] = {"fold": "none", "devices": 1}
+    if mode in ("folded", "sharded"):
         name, fold = get_folder(spec.get("fused_impl", "auto"))
         model = fold(model)
         info["fold"] = name
     graphdef, state = nnx.split(model)
-    forward = jax.jit(lambda st, x: nnx.merge(graphdef, st)(x), compiler_options=compiler_options())
     x = jnp.asarray(inputs_nhwc(spec["batch"]))
+    out_sharding = None
+    if mode == "sharded":
+        devices = jax.devices()
+        if spec["batch"] % len(devices):
+            raise ValueError(f"batch {spec['batch']} does not split over {len(devices)} devices")
+        mesh = Mesh(np.array(devices), ("data",))
+        state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
+        x = jax.device_put(x, out_sharding := NamedSharding(mesh, PartitionSpec("data")))
+        info["devices"] = len(devices)
+    forward = jax.jit(
+        lambda st, x: nnx.merge(graphdef, st)(x),
+        out_shardings=out_sharding,
+        compiler_options=compiler_options(),
+    )
 
     def step() -> jax.Array:
         return forward(state, x).block_until_ready()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import pathlib
+import subprocess
 import sys
 
 import jax
@@ -20,7 +22,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `bench` is not installed; plain `pytest` does not add the root
     sys.path.insert(0, str(ROOT))
 
-from bench import plan  # noqa: E402
+from bench import plan, runner  # noqa: E402
 from bench.fold import fold_batchnorm, get_folder  # noqa: E402
 
 TINY = EfficientViTConfig(
@@ -34,11 +36,11 @@ TINY = EfficientViTConfig(
 )
 
 
-def _random_tiny(seed: int = 0) -> nnx.Module:
-    """TINY with random weights, BN affines/statistics and attention biases (the default init
+def _random_tiny(seed: int = 0, cfg: EfficientViTConfig = TINY) -> nnx.Module:
+    """``cfg`` (default TINY) with random weights, BN affines/statistics and attention biases (the default init
     folds to near no-ops). Built abstractly and filled from numpy: eager init compiles one
     kernel per parameter shape, which takes far longer than the test itself."""
-    abstract = nnx.eval_shape(lambda: cga_jax.EfficientViT(TINY, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: cga_jax.EfficientViT(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     flat = traverse_util.flatten_dict(nnx.to_pure_dict(state))
     rng = np.random.RandomState(seed)
@@ -115,3 +117,51 @@ def test_parse_only():
     assert set(plan.parse_only(["m4"])) == set(plan.SECTIONS)
     with pytest.raises(ValueError):
         plan.parse_only(["m9"])
+
+
+def test_threads2_runs_cga_jax_sharded_and_on_one_device():
+    (case,) = plan.build_plan({"threads2": ("efficientvit_m0",)})
+    jax_runs = {(c.label, c.mode, c.devices(case.threads)) for c in case.contestants}
+    assert {(plan.JAX, "sharded", 2), ("cga_jax 1 device", "folded", 1)} <= jax_runs
+    assert {label for label, _ in case.targets} == {"PyTorch eager", "ONNX Runtime"}
+    flag = "--xla_force_host_platform_device_count=2"
+    assert flag in runner.worker_env("cga_jax", 2, devices=2)["XLA_FLAGS"]
+    assert flag not in runner.worker_env("cga_jax", 2).get("XLA_FLAGS", "")
+    assert "2 host devices" in runner.thread_settings("cga_jax", 2, devices=2)
+
+
+_SHARDED_CHECK = """
+import json, sys
+import numpy as np
+from bench.tasks_jax import build_infer
+spec = {"variant": "efficientvit_m0", "weights": sys.argv[1], "task": "infer", "batch": 4}
+out = {}
+for mode in ("sharded", "folded"):
+    task = build_infer({**spec, "mode": mode})
+    out[mode] = (np.asarray(task.step()).tolist(), task.info["devices"])
+print(json.dumps(out))
+"""
+
+
+def test_sharded_forward_equals_one_device(tmp_path):
+    """The threads2 contestant: the folded M0 over 2 host devices, batch sharded, gives the
+    single-device logits."""
+    from cga_jax.config import VARIANTS
+    from cga_jax.weights import to_timm_state_dict
+
+    weights = tmp_path / "m0.npz"
+    np.savez(weights, **to_timm_state_dict(_random_tiny(1, VARIANTS["efficientvit_m0"])))
+    env = runner.worker_env("cga_jax", 2, devices=2)
+    out = subprocess.run(
+        [sys.executable, "-c", _SHARDED_CHECK, str(weights)],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    (sharded, n_sharded), (one, n_one) = res["sharded"], res["folded"]
+    assert (n_sharded, n_one) == (2, 1)
+    assert np.asarray(one).shape == (4, 1000)
+    assert_logits_close(np.asarray(sharded), np.asarray(one), "sharded vs one-device logits")
