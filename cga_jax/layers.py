@@ -290,13 +290,12 @@ class SqueezeExcite(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: (B, H, W, C) -> (B, H, W, C)."""
         b, h, w, c = x.shape
-        # The spatial mean as a batched matmul with a ones vector (float32 sums, then / (H*W)):
-        # as a jnp.mean, XLA-CPU fused the producer (PatchMerging's depthwise conv) into a
-        # reduction over the middle axes that ran ~5x slower than the conv itself.
+        # The spatial mean as a batched matmul with a ones vector (sums in at least float32,
+        # then / (H*W)): as a jnp.mean, XLA-CPU fused the producer (PatchMerging's depthwise
+        # conv) into a reduction over the middle axes that ran ~5x slower than the conv itself.
+        acc = jnp.promote_types(x.dtype, jnp.float32)
         ones = jnp.ones((b, h * w), x.dtype)
-        s = jnp.einsum(
-            "bpc,bp->bc", x.reshape(b, h * w, c), ones, preferred_element_type=jnp.float32
-        )
+        s = jnp.einsum("bpc,bp->bc", x.reshape(b, h * w, c), ones, preferred_element_type=acc)
         s = (s / (h * w)).astype(x.dtype).reshape(b, 1, 1, c)  # (B, 1, 1, C)
         s = self.fc2(jax.nn.relu(self.fc1(s)))
         return x * jax.nn.sigmoid(s)
