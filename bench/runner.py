@@ -44,14 +44,18 @@ def worker_env(kind: str, threads: int, devices: int = 1) -> dict[str, str]:
     env["CUDA_VISIBLE_DEVICES"] = ""
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    if kind == "cga_jax" and threads == 1:
-        env["XLA_FLAGS"] = " ".join(filter(None, [env.get("XLA_FLAGS"), XLA_ONE_THREAD]))
-    if kind == "cga_jax" and devices > 1:
-        flag = f"--xla_force_host_platform_device_count={devices}"
-        env["XLA_FLAGS"] = " ".join(filter(None, [env.get("XLA_FLAGS"), flag]))
+    if kind == "cga_jax":
+        ours = [XLA_ONE_THREAD if threads == 1 else "", _device_count_flag(devices)]
+        if flags := " ".join(filter(None, [env.get("XLA_FLAGS"), *ours])):
+            env["XLA_FLAGS"] = flags
     if MALLOC == "tuned":
         env = tuned_env(env)
     return env
+
+
+def _device_count_flag(devices: int) -> str:
+    """The XLA flag for ``devices`` host devices ("" for the default single device)."""
+    return f"--xla_force_host_platform_device_count={devices}" if devices > 1 else ""
 
 
 def thread_settings(kind: str, threads: int, devices: int = 1) -> str:
@@ -63,8 +67,7 @@ def thread_settings(kind: str, threads: int, devices: int = 1) -> str:
         extra = f"XLA_FLAGS='{XLA_ONE_THREAD}'" if threads == 1 else "XLA default thread pool"
         if devices > 1:
             extra += (
-                f", {devices} host devices (--xla_force_host_platform_device_count={devices}),"
-                " batch sharded over them"
+                f", {devices} host devices ({_device_count_flag(devices)}), batch sharded over them"
             )
         return f"{pin}, {extra}"
     if kind == "torch":
@@ -198,7 +201,7 @@ def run_case(case: Case, opts: dict[str, Any], files: dict[str, str], log=print)
                     "label": c.label,
                     "kind": c.kind,
                     "mode": c.mode,
-                    "threads": thread_settings(c.kind, case.threads, c.devices(case.threads)),
+                    "threads": thread_settings(c.kind, case.threads, w.spec["devices"]),
                     "seconds": times[c.label],
                     **_summarise(times[c.label], images),
                     **info,
