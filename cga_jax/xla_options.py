@@ -15,6 +15,13 @@ at batch 64 on two threads had already gone from 690 to 755 img/s (M0) and 315 t
 matmuls-only. Every jit of cga_jax uses these options (the trainer's steps, :func:`jit` for
 ``evaluate``/``predict``), and so does the benchmark; pass :func:`compiler_options` to your own
 ``jax.jit`` of a cga_jax model for the same. Other backends get none.
+
+On hosts with AVX-512 (``avx512f`` in ``/proc/cpuinfo``) the options add
+:data:`AVX512_OPTIONS`: LLVM may then vectorise XLA's fused loops with 512-bit registers (XLA's
+default prefers 256). The folded forward gave the same bits and ran faster on the AVX-512 VM
+(batch 16, one thread, in-process A/B): M0 33.7 -> 32.5 ms, M2 62.3 -> 60.5, M4 85.5 -> 81.6,
+M5 128.1 -> 127.5; batch 64 on two host devices M0 70.4 -> 68.2 ms, M4 192.1 -> 185.3. The M0
+training step was unchanged (765 vs 754 ms). Hosts without AVX-512 keep XLA's default.
 """
 
 from __future__ import annotations
@@ -26,28 +33,50 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-CPU_OPTIONS: dict[str, str] = {"xla_cpu_experimental_ynn_fusion_type": ""}  # no YNNPACK fusions
+CPU_OPTIONS: dict[str, Any] = {"xla_cpu_experimental_ynn_fusion_type": ""}  # no YNNPACK fusions
+AVX512_OPTIONS: dict[str, Any] = {"xla_cpu_prefer_vector_width": 512}  # added on AVX-512 hosts
+
+
+def has_cpu_flag(flag: str, cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether the host CPU lists ``flag`` (e.g. ``avx512f``) in ``cpuinfo``; False if unreadable
+    (not Linux)."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "flags":
+                    return flag in value.split()
+    except OSError:
+        pass
+    return False
+
+
+@functools.cache
+def host_cpu_options() -> dict[str, Any]:
+    """:data:`CPU_OPTIONS`, plus :data:`AVX512_OPTIONS` when the host has AVX-512."""
+    return {**CPU_OPTIONS, **(AVX512_OPTIONS if has_cpu_flag("avx512f") else {})}
 
 
 @functools.cache
 def _cpu_options_supported() -> bool:
     """Whether this jaxlib knows the options (older ones reject unknown names at compile)."""
     try:
-        jax.jit(lambda x: x + 1).lower(jnp.zeros((), jnp.float32)).compile(dict(CPU_OPTIONS))
+        jax.jit(lambda x: x + 1).lower(jnp.zeros((), jnp.float32)).compile(host_cpu_options())
     except Exception:  # noqa: BLE001 - any rejection means: don't pass them
         return False
     return True
 
 
-def compiler_options(backend: str | None = None) -> dict[str, str] | None:
-    """Options for ``jax.jit(..., compiler_options=...)``: :data:`CPU_OPTIONS` on CPU, else None.
+def compiler_options(backend: str | None = None) -> dict[str, Any] | None:
+    """Options for ``jax.jit(..., compiler_options=...)``: :func:`host_cpu_options` on CPU, else
+    None.
 
     ``backend`` defaults to ``jax.default_backend()`` (which initialises JAX's backends: call it
     after ``jax.distributed.initialize``).
     """
     if (backend or jax.default_backend()) != "cpu" or not _cpu_options_supported():
         return None
-    return dict(CPU_OPTIONS)
+    return dict(host_cpu_options())
 
 
 def jit(fun: Callable | None = None, **jit_kwargs: Any) -> Callable:

@@ -8,14 +8,51 @@ import numpy as np
 
 from cga_jax import xla_options
 from cga_jax.malloc import MALLOC_TUNABLES, is_tuned, tuned_env
-from cga_jax.xla_options import CPU_OPTIONS, compiler_options
+from cga_jax.xla_options import AVX512_OPTIONS, CPU_OPTIONS, compiler_options, has_cpu_flag
 
 
 def test_compiler_options_by_backend():
     assert compiler_options("gpu") is None
     assert compiler_options("tpu") is None
     opts = compiler_options("cpu")
-    assert opts == CPU_OPTIONS and opts is not CPU_OPTIONS  # a copy: callers may edit it
+    assert opts is not None and opts is not compiler_options("cpu")  # a copy: callers may edit it
+    assert opts.items() >= CPU_OPTIONS.items()
+    assert (opts.items() >= AVX512_OPTIONS.items()) == has_cpu_flag("avx512f")
+    assert set(opts) <= set(CPU_OPTIONS) | set(AVX512_OPTIONS)
+
+
+def test_has_cpu_flag_reads_the_flags_line(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text(
+        "processor\t: 0\nmodel name\t: Some CPU avx512f\n"
+        "flags\t\t: fpu sse2 avx2 avx512fp16 avx512f_x\n\n"
+        "processor\t: 1\nflags\t\t: fpu avx512f\n"
+    )
+    # only the first "flags" line counts, and only whole flag names in it
+    assert has_cpu_flag("avx2", str(info)) and not has_cpu_flag("avx512f", str(info))
+    info.write_text("flags\t\t: fpu avx2 avx512f avx512bw\n")
+    assert has_cpu_flag("avx512f", str(info))
+    assert not has_cpu_flag("avx512f", str(tmp_path / "missing"))  # unreadable: no
+
+
+def test_avx512_vector_width_gives_the_same_depthwise_conv():
+    """512-bit vectorisation must not change a fused shifted-add depthwise conv + ReLU."""
+    from cga_jax.ops import depthwise_conv
+
+    if jax.default_backend() != "cpu" or compiler_options() is None:
+        return
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(2, 14, 14, 48)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(3, 3, 48)), jnp.float32)
+
+    def f(x, k):
+        return jax.nn.relu(depthwise_conv(x, k, 1, 1))
+
+    narrow = jax.jit(f, compiler_options={**CPU_OPTIONS, "xla_cpu_prefer_vector_width": 256})
+    wide = jax.jit(f, compiler_options={**CPU_OPTIONS, **AVX512_OPTIONS})
+    np.testing.assert_allclose(
+        np.asarray(wide(x, k)), np.asarray(narrow(x, k)), rtol=1e-6, atol=1e-6
+    )
 
 
 def test_cpu_options_keep_reductions_out_of_ynnpack_and_results_equal():
