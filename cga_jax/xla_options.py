@@ -52,9 +52,13 @@ def has_cpu_flag(flag: str, cpuinfo: str = "/proc/cpuinfo") -> bool:
 
 
 @functools.cache
+def _host_has_avx512() -> bool:
+    return has_cpu_flag("avx512f")
+
+
 def host_cpu_options() -> dict[str, Any]:
-    """:data:`CPU_OPTIONS`, plus :data:`AVX512_OPTIONS` when the host has AVX-512."""
-    return {**CPU_OPTIONS, **(AVX512_OPTIONS if has_cpu_flag("avx512f") else {})}
+    """A new dict: :data:`CPU_OPTIONS`, plus :data:`AVX512_OPTIONS` when the host has AVX-512."""
+    return {**CPU_OPTIONS, **(AVX512_OPTIONS if _host_has_avx512() else {})}
 
 
 @functools.cache
@@ -76,7 +80,7 @@ def compiler_options(backend: str | None = None) -> dict[str, Any] | None:
     """
     if (backend or jax.default_backend()) != "cpu" or not _cpu_options_supported():
         return None
-    return dict(host_cpu_options())
+    return host_cpu_options()
 
 
 def jit(fun: Callable | None = None, **jit_kwargs: Any) -> Callable:
