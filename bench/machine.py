@@ -18,7 +18,6 @@ def _cpuinfo() -> dict[str, str | int]:
         return {"model": platform.processor() or platform.machine()}
     cores: set[tuple[str, str]] = set()
     phys = core = ""
-    flags = ""
     for line in text.splitlines():
         key, _, value = (s.strip() for s in line.partition(":"))
         if key == "model name" and "model" not in out:
@@ -27,8 +26,6 @@ def _cpuinfo() -> dict[str, str | int]:
             out["mhz"] = value
         elif key == "cache size" and "cache" not in out:
             out["cache"] = value
-        elif key == "flags" and not flags:
-            flags = value
         elif key == "physical id":
             phys = value
         elif key == "core id":
@@ -36,7 +33,10 @@ def _cpuinfo() -> dict[str, str | int]:
             cores.add((phys, core))
     if cores:
         out["physical_cores"] = len(cores)
-    simd = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile") if f in flags.split()]
+    from cga_jax.xla_options import cpu_flags  # here: describe() runs after jax is imported
+
+    flags = cpu_flags()
+    simd = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
     out["simd"] = " ".join(simd) or "none of avx2/avx512"
     return out
 

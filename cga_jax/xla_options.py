@@ -37,23 +37,23 @@ CPU_OPTIONS: dict[str, Any] = {"xla_cpu_experimental_ynn_fusion_type": ""}  # no
 AVX512_OPTIONS: dict[str, Any] = {"xla_cpu_prefer_vector_width": 512}  # added on AVX-512 hosts
 
 
-def has_cpu_flag(flag: str, cpuinfo: str = "/proc/cpuinfo") -> bool:
-    """Whether the host CPU lists ``flag`` (e.g. ``avx512f``) in ``cpuinfo``; False if unreadable
-    (not Linux)."""
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
+    """The host CPU's feature flags (e.g. ``avx512f``): the first ``flags`` line of ``cpuinfo``;
+    empty if unreadable (not Linux)."""
     try:
         with open(cpuinfo) as f:
             for line in f:
                 key, _, value = line.partition(":")
                 if key.strip() == "flags":
-                    return flag in value.split()
+                    return frozenset(value.split())
     except OSError:
         pass
-    return False
+    return frozenset()
 
 
 @functools.cache
 def _host_has_avx512() -> bool:
-    return has_cpu_flag("avx512f")
+    return "avx512f" in cpu_flags()
 
 
 def host_cpu_options() -> dict[str, Any]:
