@@ -27,6 +27,9 @@ def main(argv) -> None:
 
     logging.set_verbosity(logging.WARNING)
 
+    import cga_jax
+
+    cga_jax.apply_cpu_flags(strict=False)  # XLA-CPU flags (ignored on GPU/TPU), before any jit
     if _MULTI.value:
         kw = {}
         if _COORD.value:

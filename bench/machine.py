@@ -7,6 +7,8 @@ import os
 import platform
 import time
 
+from cga_jax.xla_options import cpuinfo_flags
+
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy", "torch", "timm", "onnx", "onnxruntime")
 
 
@@ -33,9 +35,7 @@ def _cpuinfo() -> dict[str, str | int]:
             cores.add((phys, core))
     if cores:
         out["physical_cores"] = len(cores)
-    from cga_jax.xla_options import cpu_flags  # here: describe() runs after jax is imported
-
-    flags = cpu_flags()
+    flags = cpuinfo_flags()
     simd = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
     out["simd"] = " ".join(simd) or "none of avx2/avx512"
     return out

@@ -118,8 +118,8 @@ def markdown(run: dict[str, Any]) -> str:
         "img/s is the median over repeats (± half the range).",
         "- same random weights (timm layout, calibrated BN statistics) and the same input "
         "for every framework; 'rel. diff' = max|cga_jax - other| / max(1, max|other|).",
-        "- cga_jax's XLA-CPU compiler options (`cga_jax.xla_options.compiler_options()`): "
-        f"`{run.get('jax_compiler_options', 'not recorded')}`.",
+        "- cga_jax's XLA-CPU flags (`cga_jax.apply_cpu_flags()`, the README's call): "
+        f"`{' '.join(run.get('jax_cpu_flags') or ()) or 'none'}`.",
         "- peak RSS = `ru_maxrss` of each contestant's process (imports included).",
         "- thread settings: " + "; ".join(f"{k}: {v}" for k, v in run["thread_settings"].items()),
         "",

@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     # resolve the folding implementation now, so a bad --fused-impl fails before any work
     from bench.fold import get_folder
-    from cga_jax.xla_options import compiler_options
+    from cga_jax.xla_options import cpu_xla_flags
 
     fold_impl, _ = get_folder(args.fused_impl)
     desc = machine.describe()
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": desc,
         "options": {k: v for k, v in opts.items() if k != "tmp"},
         "fold_impl": fold_impl,
-        "jax_compiler_options": compiler_options("cpu"),  # what the cga_jax workers pass
+        "jax_cpu_flags": cpu_xla_flags(),  # what cga_jax.apply_cpu_flags() adds in the workers
         "thread_settings": {
             f"{k} @ {t} thread(s)" + (f", {d} devices" if d > 1 else ""): thread_settings(k, t, d)
             for k, t, d in sorted(kinds)

@@ -12,8 +12,8 @@ import sys
 import time
 from typing import IO, Any
 
+from bench.malloc import MALLOC_TUNABLES, tuned_env
 from bench.plan import Case, Contestant
-from cga_jax.malloc import MALLOC_TUNABLES, tuned_env
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 REPLY_TIMEOUT_S = 1800.0  # the longest wait for one reply (a first call may compile for minutes)

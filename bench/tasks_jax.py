@@ -17,7 +17,6 @@ from bench.common import LR, WEIGHT_DECAY, inputs_nhwc, labels
 from bench.fold import get_folder
 from bench.worker_api import Task
 from cga_jax.weights import load_timm_state_dict
-from cga_jax.xla_options import compiler_options
 
 
 def _load(spec: dict[str, Any]) -> nnx.Module:
@@ -59,7 +58,6 @@ def build_infer(spec: dict[str, Any]) -> Task:
     forward = jax.jit(
         lambda st, x: nnx.merge(graphdef, st)(x),
         out_shardings=out_sharding,
-        compiler_options=compiler_options(),
     )
 
     def step() -> jax.Array:
@@ -82,7 +80,7 @@ def build_train(spec: dict[str, Any]) -> Task:
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
         return loss, nnx.split(m, nnx.Param, ...)[2]
 
-    @functools.partial(jax.jit, donate_argnums=(0, 1, 2), compiler_options=compiler_options())
+    @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
     def train_step(params, rest, opt_state, x, y):
         (loss, rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest, x, y)
         updates, opt_state = tx.update(grads, opt_state, params)
@@ -101,4 +99,5 @@ def build_train(spec: dict[str, Any]) -> Task:
 
 
 def build(spec: dict[str, Any]) -> Task:
+    cga_jax.apply_cpu_flags()  # the README's call, before the first JAX computation
     return build_train(spec) if spec["task"] == "train" else build_infer(spec)

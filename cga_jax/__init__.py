@@ -8,11 +8,13 @@ from cga_jax.model import EfficientViT
 from cga_jax.registry import create_model, get_config, list_models
 from cga_jax.torch_export import export_torch
 from cga_jax.weights import CheckpointError
+from cga_jax.xla_options import apply_cpu_flags
 
 __version__ = "0.1.0"
 
 __all__ = [
     "VARIANTS",
+    "apply_cpu_flags",
     "CascadedGroupAttention",
     "CheckpointError",
     "EfficientViT",

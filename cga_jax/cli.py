@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable
 
 from cga_jax.weights import CheckpointError
+from cga_jax.xla_options import apply_cpu_flags
 
 
 def _add_convert(p: argparse.ArgumentParser) -> None:
@@ -238,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, (help_, add, _) in COMMANDS.items():
         add(sub.add_parser(name, help=help_))
     args = parser.parse_args(argv)
+    apply_cpu_flags(strict=False)  # XLA-CPU flags for every jit of this process (docs/bench.md)
     try:
         return COMMANDS[args.command][2](args)
     except (CheckpointError, FileNotFoundError, NotADirectoryError) as e:

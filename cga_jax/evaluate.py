@@ -13,6 +13,7 @@ folder on its own devices.
 from __future__ import annotations
 
 import collections
+import functools
 import math
 import os
 import sys
@@ -25,7 +26,6 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from cga_jax import xla_options
 from cga_jax.preprocess import list_image_folder, load_eval_image, normalize
 
 Batch = tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]
@@ -117,7 +117,7 @@ def eval_split(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State]:
     return nnx.split(copy)
 
 
-@xla_options.jit(static_argnames=("graphdef", "k"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "k"))
 def _eval_step(graphdef: nnx.GraphDef, state, images, labels, valid, k: int):
     """uint8 (B, H, W, 3), int32 (B,), bool (B,) -> (int32 (2,) top-1 / top-k hits, f32 loss
     sum) over the valid rows. Module level with a static graphdef: compiled once per model

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 
@@ -10,14 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cga_jax import xla_options
 from cga_jax.evaluate import crop_size, eval_split
 from cga_jax.preprocess import load_eval_image, normalize
 
 Prediction = list[tuple[int, float]]  # [(class index, probability)], most likely first
 
 
-@xla_options.jit(static_argnames=("graphdef", "k"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "k"))
 def _probs_topk(graphdef: nnx.GraphDef, state, images, k: int):
     """uint8 (B, S, S, 3) -> (f32 (B, k) probabilities, int32 (B, k) indices)."""
     logits = nnx.merge(graphdef, state)(normalize(images)).astype(jnp.float32)

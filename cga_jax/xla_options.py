@@ -1,43 +1,38 @@
-"""XLA compiler options for cga_jax's jits (``jax.jit(..., compiler_options=...)``).
+"""XLA-CPU flags for cga_jax models, applied process-wide through ``XLA_FLAGS``.
 
-On XLA-CPU, jaxlib 0.10 hands matmuls, reductions and dense convolutions to YNNPACK by default.
-None of the three paid off for this model: YNNPACK's reductions took their input materialised
-(every BatchNorm statistic and depthwise-kernel gradient of the training step became a write +
-read), its convolutions ran on one thread whatever the thread pool (the stem's 3x3 stride-2 convs:
-18 / 13 / 11 ms at batch 64 on two threads, against 9 / 6 / 5 ms through XLA's own convolution),
-and its matmuls were slower than XLA's own (Eigen) dot on the 1x1-conv shapes of EfficientViT.
-:data:`CPU_OPTIONS` therefore turns YNNPACK off (an empty ``xla_cpu_experimental_ynn_fusion_type``).
-Measured on a 2-core AVX-512 VM (docs/bench.md), folded forward, batch 16, one thread, against
-YNNPACK for individual matmuls only: M0 31.5 -> 30.3 ms, M1 52.7 -> 49.9, M3 74.8 -> 69.4, M5
-128.6 -> 119.8; batch 64 on two threads M0 81.8 -> 80.8 ms, M4 210.8 -> 204.8; the M0 training
-step the same or ~2% faster. Against jaxlib's default (everything to YNNPACK) the folded forward
-at batch 64 on two threads had already gone from 690 to 755 img/s (M0) and 315 to 364 (M4) with
-matmuls-only. Every jit of cga_jax uses these options (the trainer's steps, :func:`jit` for
-``evaluate``/``predict``), and so does the benchmark; pass :func:`compiler_options` to your own
-``jax.jit`` of a cga_jax model for the same. Other backends get none.
+On XLA-CPU, jaxlib hands matmuls, reductions and convolutions to YNNPACK. For EfficientViT's
+shapes XLA's own kernels are faster (docs/bench.md), so :func:`apply_cpu_flags` turns YNNPACK
+fusions off and, on AVX-512 hosts, lets LLVM vectorise XLA's fused loops with 512-bit registers.
+Because the flags go into ``XLA_FLAGS``, every ``jax.jit`` of the process gets them - the user's
+own ``nnx.jit(lambda m, x: m(x))`` as much as cga_jax's entry points - and GPU/TPU compilers ignore
+them. XLA reads ``XLA_FLAGS`` once, when JAX starts its first backend, so call
+:func:`apply_cpu_flags` before the first JAX computation::
 
-On hosts with AVX-512 (``avx512f`` in ``/proc/cpuinfo``) the options add
-:data:`AVX512_OPTIONS`: LLVM may then vectorise XLA's fused loops with 512-bit registers (XLA's
-default prefers 256). The folded forward gave the same bits and ran faster on the AVX-512 VM
-(batch 16, one thread, in-process A/B): M0 33.7 -> 32.5 ms, M2 62.3 -> 60.5, M4 85.5 -> 81.6,
-M5 128.1 -> 127.5; batch 64 on two host devices M0 70.4 -> 68.2 ms, M4 192.1 -> 185.3. The M0
-training step was unchanged (765 vs 754 ms). Hosts without AVX-512 keep XLA's default.
+    import cga_jax
+    cga_jax.apply_cpu_flags()   # before anything runs on a JAX device
+
+XLA aborts the process on a flag it does not know, so a flag is only added when the installed
+jaxlib's binaries name it (flags are experimental and come and go between releases).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
-from typing import Any
+import mmap
+import os
+import pathlib
+from collections.abc import MutableMapping
 
-import jax
-import jax.numpy as jnp
+import jaxlib
+from jax._src import xla_bridge  # no public API tells whether XLA_FLAGS was already read
 
-CPU_OPTIONS: dict[str, Any] = {"xla_cpu_experimental_ynn_fusion_type": ""}  # no YNNPACK fusions
-AVX512_OPTIONS: dict[str, Any] = {"xla_cpu_prefer_vector_width": 512}  # added on AVX-512 hosts
+# no YNNPACK fusions: XLA's own dot, reduce and convolution
+CPU_FLAGS: tuple[str, ...] = ("--xla_cpu_experimental_ynn_fusion_type=",)
+# added on hosts whose CPU has AVX-512 (`avx512f`): 512-bit vectors in fused loops (same bits)
+AVX512_FLAGS: tuple[str, ...] = ("--xla_cpu_prefer_vector_width=512",)
 
 
-def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
+def cpuinfo_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
     """The host CPU's feature flags (e.g. ``avx512f``): the first ``flags`` line of ``cpuinfo``;
     empty if unreadable (not Linux)."""
     try:
@@ -51,55 +46,62 @@ def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
     return frozenset()
 
 
-@functools.cache
-def _host_has_avx512() -> bool:
-    return "avx512f" in cpu_flags()
-
-
-def host_cpu_options() -> dict[str, Any]:
-    """A new dict: :data:`CPU_OPTIONS`, plus :data:`AVX512_OPTIONS` when the host has AVX-512."""
-    return {**CPU_OPTIONS, **(AVX512_OPTIONS if _host_has_avx512() else {})}
+def flag_name(flag: str) -> str:
+    """``'--xla_cpu_prefer_vector_width=512'`` -> ``'xla_cpu_prefer_vector_width'``."""
+    return flag.lstrip("-").split("=", 1)[0]
 
 
 @functools.cache
-def _cpu_options_supported() -> bool:
-    """Whether this jaxlib knows the options (older ones reject unknown names at compile)."""
-    try:
-        jax.jit(lambda x: x + 1).lower(jnp.zeros((), jnp.float32)).compile(host_cpu_options())
-    except Exception:  # noqa: BLE001 - any rejection means: don't pass them
-        return False
-    return True
+def _jaxlib_knows(name: str) -> bool:
+    """Whether a binary of the installed jaxlib contains the flag name (XLA registers every flag
+    by its name string)."""
+    needle = name.encode()
+    libs = [
+        p
+        for p in pathlib.Path(jaxlib.__file__).parent.iterdir()
+        if p.suffix in (".so", ".dylib", ".pyd", ".dll") and p.is_file()
+    ]
+    for lib in sorted(libs, key=lambda p: -p.stat().st_size):
+        with open(lib, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            if m.find(needle) >= 0:
+                return True
+    return False
 
 
-def compiler_options(backend: str | None = None) -> dict[str, Any] | None:
-    """Options for ``jax.jit(..., compiler_options=...)``: :func:`host_cpu_options` on CPU, else
-    None.
+def cpu_xla_flags(cpu_features: frozenset[str] | None = None) -> tuple[str, ...]:
+    """The flags :func:`apply_cpu_flags` adds on this host: :data:`CPU_FLAGS`, plus
+    :data:`AVX512_FLAGS` when the CPU has ``avx512f``, minus any flag this jaxlib does not know."""
+    features = cpuinfo_flags() if cpu_features is None else cpu_features
+    flags = CPU_FLAGS + (AVX512_FLAGS if "avx512f" in features else ())
+    return tuple(f for f in flags if _jaxlib_knows(flag_name(f)))
 
-    ``backend`` defaults to ``jax.default_backend()`` (which initialises JAX's backends: call it
-    after ``jax.distributed.initialize``).
+
+def _backends_started() -> bool:
+    return xla_bridge.backends_are_initialized()
+
+
+def apply_cpu_flags(
+    env: MutableMapping[str, str] | None = None, *, strict: bool = True
+) -> tuple[str, ...]:
+    """Add :func:`cpu_xla_flags` to ``XLA_FLAGS`` in ``env`` (default ``os.environ``).
+
+    A flag whose name is already in ``XLA_FLAGS`` is left as the user set it. Returns the flags
+    added. When JAX's backends are already running and a flag is missing, XLA would never read
+    it: that raises ``RuntimeError`` (``strict=False``: adds nothing and returns ``()``, for entry
+    points that may run inside a process that has already used JAX).
     """
-    if (backend or jax.default_backend()) != "cpu" or not _cpu_options_supported():
-        return None
-    return host_cpu_options()
-
-
-def jit(fun: Callable | None = None, **jit_kwargs: Any) -> Callable:
-    """``jax.jit(fun, compiler_options=compiler_options(), **jit_kwargs)``, built at the first call.
-
-    For module-level jitted functions (usable as ``@jit`` or ``@jit(static_argnames=...)``):
-    :func:`compiler_options` asks for the default backend, which must not happen at import time
-    (before ``jax.distributed.initialize``).
-    """
-    if fun is None:
-        return functools.partial(jit, **jit_kwargs)
-
-    @functools.cache
-    def build() -> Callable:
-        return jax.jit(fun, compiler_options=compiler_options(), **jit_kwargs)
-
-    @functools.wraps(fun)
-    def call(*args: Any, **kwargs: Any) -> Any:
-        return build()(*args, **kwargs)
-
-    call.jitted = build  # the underlying jax.jit function (built on first use)
-    return call
+    env = os.environ if env is None else env
+    have = env.get("XLA_FLAGS", "").split()
+    names = {flag_name(f) for f in have}
+    missing = tuple(f for f in cpu_xla_flags() if flag_name(f) not in names)
+    if missing and env is os.environ and _backends_started():
+        if not strict:
+            return ()
+        raise RuntimeError(
+            "cga_jax.apply_cpu_flags() was called after JAX started its backends, so XLA would "
+            f"ignore {' '.join(missing)}; call it before the first JAX computation (or export "
+            f"XLA_FLAGS='{' '.join(missing)}' before starting Python)"
+        )
+    if missing:
+        env["XLA_FLAGS"] = " ".join(have + list(missing))
+    return missing

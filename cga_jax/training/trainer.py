@@ -29,7 +29,6 @@ from cga_jax.training.erasing import apply_erase
 from cga_jax.training.logger import Logger, plot_curves
 from cga_jax.training.mixup import mix_batch, smooth_one_hot
 from cga_jax.training.optim import ema_init, ema_update, make_optimizer, make_schedule
-from cga_jax.xla_options import compiler_options
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -183,9 +182,8 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
         train_step,
         donate_argnums=(0,),
         out_shardings=(state_sh, repl),
-        compiler_options=compiler_options(),
     )
-    p_eval = jax.jit(eval_step, out_shardings=(repl, repl), compiler_options=compiler_options())
+    p_eval = jax.jit(eval_step, out_shardings=(repl, repl))
 
     loader = data_lib.train_loader(cfg, train_src, pid, nproc, seed=cfg.seed)
     it = iter(loader)
