@@ -4,7 +4,9 @@ from cga_jax.attention import CascadedGroupAttention, LocalWindowAttention, atte
 from cga_jax.classes import imagenet_class_names
 from cga_jax.config import VARIANTS, EfficientViTConfig
 from cga_jax.fuse import fuse_bn
+from cga_jax.layers import set_impl
 from cga_jax.model import EfficientViT
+from cga_jax.ops import IMPLS, use_impl
 from cga_jax.registry import create_model, get_config, list_models
 from cga_jax.torch_export import export_torch
 from cga_jax.weights import CheckpointError
@@ -13,6 +15,7 @@ from cga_jax.xla_options import apply_cpu_flags
 __version__ = "0.1.0"
 
 __all__ = [
+    "IMPLS",
     "VARIANTS",
     "apply_cpu_flags",
     "CascadedGroupAttention",
@@ -27,5 +30,7 @@ __all__ = [
     "get_config",
     "imagenet_class_names",
     "list_models",
+    "set_impl",
+    "use_impl",
 ]
 from cga_jax import loading, weights  # noqa: E402,F401
