@@ -104,3 +104,27 @@ def test_cpu_lowering_keeps_the_cpu_kernels_and_multi_platform_keeps_both():
     cga_jax.set_impl(model, "standard")
     fn, state = forward_fn(model)
     assert grouped_convs(lower(fn, state, IMAGES, platforms=("cpu",))) == n
+
+
+def test_multi_platform_serving_artifact_runs_here():
+    """One ``export_serving`` artifact for cpu, cuda and tpu; loaded here it runs the CPU path
+    and gives the model's logits for any batch size."""
+    import numpy as np
+
+    from cga_jax.serving import export_serving, load_serving
+
+    cfg = cga_jax.EfficientViTConfig(
+        embed_dim=(16, 24, 32), key_dim=(4, 4, 4), depth=(1, 1, 1), num_heads=(2, 2, 2),
+        window_size=(3, 3, 3), kernels=(5, 3), num_classes=7, img_size=64,
+    )  # fmt: skip
+    model = cga_jax.EfficientViT(cfg, rngs=nnx.Rngs(0))
+    model.eval()
+    data = export_serving(model, 64, platforms=("cpu", "cuda", "tpu"))
+    exp = jax.export.deserialize(bytearray(data))
+    assert exp.platforms == ("cpu", "cuda", "tpu")
+    assert grouped_convs(exp.mlir_module()) >= depthwise_count(model)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 64, 64, 3)), jnp.float32)
+    want = np.asarray(cga_jax.fuse_bn(model)(x))
+    np.testing.assert_allclose(np.asarray(load_serving(data)(x)), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="platforms must be a non-empty subset"):
+        export_serving(model, 64, platforms=("gpu",))
