@@ -30,6 +30,7 @@ import math
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 
 MAX_FEW_CHANNELS = 4  # dense convs with at most this many input channels take few_channel_conv
 
@@ -74,6 +75,24 @@ TWO_LEVEL_SUMS = ColumnSums(column_sum, column_broadcast)
 
 
 # ---- convolutions ----------------------------------------------------------------------------
+def is_zero(tangent) -> bool:
+    """Whether a ``custom_jvp(symbolic_zeros=True)`` tangent is a symbolic zero: its term is
+    skipped (an instantiated zero would be a whole convolution of zeros at run time, e.g. for
+    the image, which is not differentiated)."""
+    return isinstance(tangent, SymbolicZero)
+
+
+def sum_terms(terms: list, like: jax.Array) -> jax.Array:
+    """The sum of the tangent terms that are not symbolic zeros (zeros shaped like ``like``)."""
+    terms = [t for t in terms if t is not None]
+    if not terms:
+        return jnp.zeros_like(like)
+    out = terms[0]
+    for t in terms[1:]:
+        out = out + t
+    return out
+
+
 def _pad_hw(x: jax.Array, padding: int) -> jax.Array:
     if not padding:
         return x
@@ -130,18 +149,23 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -
     return _shifted_taps(_pad_hw(x, padding), kernel, stride)
 
 
-@depthwise_conv.defjvp
 def _depthwise_jvp(stride, padding, primals, tangents):
     x, kernel = primals
     tx, tk = tangents
     y = depthwise_conv(x, kernel, stride, padding)
-    # The barrier keeps XLA from merging the kernel gradient's taps with the forward's identical
-    # slices (CSE): shared, each tap would be written to memory with x's producer recomputed
-    # into every one of them.
-    xb = lax.optimization_barrier(x)
-    ty = _shifted_taps(_pad_hw(tx, padding), kernel, stride)
-    ty = ty + _kernel_taps(_pad_hw(xb, padding), tk.astype(x.dtype), stride)
-    return y, ty
+    terms = [None, None]
+    if not is_zero(tx):
+        terms[0] = _shifted_taps(_pad_hw(tx, padding), kernel, stride)
+    if not is_zero(tk):
+        # The barrier keeps XLA from merging the kernel gradient's taps with the forward's
+        # identical slices (CSE): shared, each tap would be written to memory with x's producer
+        # recomputed into every one of them.
+        xb = lax.optimization_barrier(x)
+        terms[1] = _kernel_taps(_pad_hw(xb, padding), tk.astype(x.dtype), stride)
+    return y, sum_terms(terms, y)
+
+
+depthwise_conv.defjvp(_depthwise_jvp, symbolic_zeros=True)
 
 
 def _im2col(x: jax.Array, kh: int, kw: int, stride: int, padding: int) -> jax.Array:
@@ -154,9 +178,12 @@ def _im2col(x: jax.Array, kh: int, kw: int, stride: int, padding: int) -> jax.Ar
 
 
 def _matmul(cols: jax.Array, kernel: jax.Array) -> jax.Array:
-    """cols (B, Ho, Wo, kh*kw*Ci) @ kernel (kh, kw, Ci, Co) reshaped -> (B, Ho, Wo, Co)."""
+    """cols (B, Ho, Wo, kh*kw*Ci) @ kernel (kh, kw, Ci, Co) reshaped -> (B, Ho, Wo, Co), as one 2-D
+    matmul: its transpose (the kernel gradient) then runs as XLA-CPU's fast (rows, K)^T @ (rows,
+    Co) dot, which a 4-D einsum's transpose does not."""
     kh, kw, ci, co = kernel.shape
-    return jnp.einsum("bhwk,ko->bhwo", cols, kernel.reshape(kh * kw * ci, co))
+    k = kh * kw * ci
+    return (cols.reshape(-1, k) @ kernel.reshape(k, co)).reshape(cols.shape[:-1] + (co,))
 
 
 def _im2col_conv_jvp(stride, padding, primals, tangents):
@@ -167,8 +194,11 @@ def _im2col_conv_jvp(stride, padding, primals, tangents):
     kh, kw = kernel.shape[:2]
     cols = _im2col(x, kh, kw, stride, padding)
     y = _matmul(cols, kernel)
-    ty = _matmul(_im2col(tx, kh, kw, stride, padding), kernel) + _matmul(cols, tk)
-    return y, ty
+    terms = [
+        None if is_zero(tx) else _matmul(_im2col(tx, kh, kw, stride, padding), kernel),
+        None if is_zero(tk) else _matmul(cols, tk),
+    ]
+    return y, sum_terms(terms, y)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
@@ -194,7 +224,6 @@ def few_channel_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int)
     return out.astype(x.dtype)
 
 
-@few_channel_conv.defjvp
 def _few_channel_jvp(stride, padding, primals, tangents):
     """The forward stays the multiply-adds; the kernel tangent is an im2col matmul (so its
     transpose, the kernel gradient, is one matmul). The input term only matters when the image
@@ -203,9 +232,14 @@ def _few_channel_jvp(stride, padding, primals, tangents):
     tx, tk = tangents
     kh, kw = kernel.shape[:2]
     y = few_channel_conv(x, kernel, stride, padding)
-    ty = few_channel_conv(tx, kernel, stride, padding)
-    ty = ty + _matmul(_im2col(x, kh, kw, stride, padding), tk).astype(ty.dtype)
-    return y, ty
+    terms = [
+        None if is_zero(tx) else few_channel_conv(tx, kernel, stride, padding),
+        None if is_zero(tk) else _matmul(_im2col(x, kh, kw, stride, padding), tk).astype(y.dtype),
+    ]
+    return y, sum_terms(terms, y)
+
+
+few_channel_conv.defjvp(_few_channel_jvp, symbolic_zeros=True)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
@@ -224,7 +258,7 @@ def im2col_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> j
     )
 
 
-im2col_conv.defjvp(_im2col_conv_jvp)
+im2col_conv.defjvp(_im2col_conv_jvp, symbolic_zeros=True)
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: int, groups: int) -> jax.Array:

@@ -9,10 +9,13 @@ convs, ``jnp.sum`` for statistics) - and an XLA-CPU implementation in :mod:`cga_
 
 The switch, ``impl``, takes one of :data:`IMPLS`:
 
-* ``"auto"`` (the default): ``lax.platform_dependent`` picks when the computation is lowered -
-  the XLA-CPU kernels for ``cpu``, the standard ops for every other platform. A multi-platform
-  ``jax.export`` carries both and selects at run time; a single-platform lowering keeps only
-  its own branch.
+* ``"auto"`` (the default): in a process whose default JAX backend is CPU,
+  ``lax.platform_dependent`` picks when the computation is lowered - the XLA-CPU kernels for
+  ``cpu``, the standard ops for every other platform - so a CPU machine runs its kernels and
+  still exports TPU/CUDA graphs of the standard path; a multi-platform ``jax.export`` carries
+  both and selects at run time. In a GPU/TPU process, the standard ops directly: tracing and
+  differentiating the CPU branch there would only add compile time (docs/bench.md), and
+  lowering for CPU from such a process is rare (it still computes the same, standard ops).
 * ``"standard"``: the standard ops on every platform (ONNX export, comparisons).
 * ``"cpu"``: the XLA-CPU kernels on every platform.
 
@@ -37,7 +40,7 @@ from jax import lax
 
 from cga_jax import cpu_kernels
 from cga_jax.config import IMPLS
-from cga_jax.cpu_kernels import ColumnSums
+from cga_jax.cpu_kernels import ColumnSums, is_zero, sum_terms
 
 __all__ = ["IMPLS", "batch_norm_train", "conv2d", "default_impl", "spatial_mean", "use_impl"]
 _DEFAULT = contextvars.ContextVar("cga_jax_impl", default="auto")
@@ -74,6 +77,8 @@ def select(
         return standard(*args)
     if mode == "cpu":
         return cpu(*args)
+    if jax.default_backend() != "cpu":
+        return standard(*args)
     return lax.platform_dependent(*args, cpu=cpu, default=standard)
 
 
@@ -152,22 +157,40 @@ def _bn_train(x2, scale, bias, eps: float, sums: ColumnSums):
     return _bn_forward(x2, scale, bias, eps, sums)[0]
 
 
-@_bn_train.defjvp
 def _bn_train_jvp(eps, sums, primals, tangents):
-    """Tangent of y in the projected form ``scale * invstd * (tx - mean(tx) - xhat *
-    mean(tx * xhat))``. Its transpose is PyTorch's closed-form input gradient; autodiff through
-    the statistics instead sums large terms that cancel and loses float32 digits when the
-    normalised group is small (the head's BatchNorm1d on a batch of 2)."""
+    """Tangent of y as ``a * tx + bcast(tbias - a * mean(tx)) + xhat * bcast(tscale - a *
+    mean(tx * xhat))`` with ``a = scale * invstd``: the projected form, whose transpose is
+    PyTorch's closed-form input gradient. Each (C,) vector is broadcast once, so the transpose
+    reduces ``g`` and ``g * xhat`` once each and shares the sums with the scale and bias gradients.
+    Autodiff through the statistics instead sums large terms that cancel and loses float32 digits
+    when the normalised group is small (the head's BatchNorm1d on a batch of 2). Symbolic-zero
+    tangents (e.g. of a frozen scale) are skipped."""
     x2, scale, bias = primals
     tx, tscale, tbias = tangents
     n = x2.shape[0]
     out, (centered, invstd, xhat) = _bn_forward(x2, scale, bias, eps, sums)
-    tmean = sums.sum(tx) / n
-    proj = sums.sum(tx * xhat) / n
-    inner = tx - sums.broadcast(tmean, n) - xhat * sums.broadcast(proj, n)
-    ty = (scale * invstd) * inner + xhat * sums.broadcast(tscale, n) + sums.broadcast(tbias, n)
-    tvar = 2.0 * sums.sum(centered * tx) / n
-    return out, (ty, tmean, tvar)
+    y = out[0]
+    shift, slope, terms = [], [], []  # (C,) terms of bcast(shift) and xhat * bcast(slope)
+    tmean, tvar = jnp.zeros_like(out[1]), jnp.zeros_like(out[2])
+    if not is_zero(tx):
+        a = scale * invstd
+        tmean = sums.sum(tx) / n
+        terms.append(a * tx)
+        shift.append(-a * tmean)
+        slope.append(-a * (sums.sum(tx * xhat) / n))
+        tvar = 2.0 * sums.sum(centered * tx) / n
+    if not is_zero(tbias):
+        shift.append(tbias)
+    if not is_zero(tscale):
+        slope.append(tscale)
+    if shift:
+        terms.append(sums.broadcast(sum_terms(shift, tmean), n))
+    if slope:
+        terms.append(xhat * sums.broadcast(sum_terms(slope, tmean), n))
+    return out, (sum_terms(terms, y), tmean, tvar)
+
+
+_bn_train.defjvp(_bn_train_jvp, symbolic_zeros=True)
 
 
 def batch_norm_train(
