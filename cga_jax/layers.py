@@ -21,7 +21,7 @@ from cga_jax.ops import (
 
 def _uniform(rngs: nnx.Rngs, shape: tuple[int, ...], bound: float) -> jax.Array:
     """U(-bound, bound) float32. Drawn with numpy from the stream's key when the key is concrete:
-    jax.random would compile one small kernel per distinct shape (~80 per model, ~20 s of CPU);
+    jax.random would compile one small kernel per distinct parameter shape (tens per model);
     under tracing (``nnx.eval_shape``/``jit``) it falls back to jax.random."""
     key = rngs.params()
     if isinstance(key, jax.core.Tracer):
@@ -116,7 +116,7 @@ class BatchNorm(nnx.Module):
         unbiased = var * (n / max(n - 1, 1))
         # set_value, not ``self.mean[...] = ...``: the indexed form compares ``.sharding`` of
         # the traced values, and a tracer answers that with an AttributeError whose message walks
-        # the whole jaxpr - quadratic tracing time (72 s of a 100 s M0 train-step lowering).
+        # the whole jaxpr: tracing time quadratic in the model size.
         self.mean.set_value(m * self.mean[...] + (1.0 - m) * lax.stop_gradient(mean))
         self.var.set_value(m * self.var[...] + (1.0 - m) * lax.stop_gradient(unbiased))
         return y.reshape(x.shape).astype(x.dtype)
