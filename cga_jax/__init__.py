@@ -3,11 +3,11 @@
 from cga_jax.attention import CascadedGroupAttention, LocalWindowAttention, attention_bias_index
 from cga_jax.classes import imagenet_class_names
 from cga_jax.config import VARIANTS, EfficientViTConfig
+from cga_jax.errors import CheckpointError
+from cga_jax.factory import create_model, get_config, list_models
 from cga_jax.fuse import fuse_bn
 from cga_jax.model import EfficientViT
-from cga_jax.registry import create_model, get_config, list_models
 from cga_jax.torch_export import export_torch
-from cga_jax.weights import CheckpointError
 from cga_jax.xla_options import apply_cpu_flags
 
 __version__ = "0.1.0"
@@ -28,4 +28,3 @@ __all__ = [
     "imagenet_class_names",
     "list_models",
 ]
-from cga_jax import loading, weights  # noqa: E402,F401

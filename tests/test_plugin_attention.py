@@ -20,8 +20,8 @@ from cga_jax.attention import (
     apply_in_windows,
     broadcast_kernels,
 )
+from cga_jax.loading import load_timm_state_dict
 from cga_jax.resize import resize_attention_biases
-from cga_jax.weights import load_timm_state_dict
 
 
 # ---------------------------------------------------------------------------------------------
