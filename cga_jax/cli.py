@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
 from collections.abc import Callable
 
 from cga_jax.checkpoint_io import FORMATS, atomic_write, read_meta
@@ -105,12 +104,24 @@ def _run_export(a: argparse.Namespace) -> int:
     return 0
 
 
-def _load_model(name: str, weights: str | None, img_size: int | None = None):
-    with warnings.catch_warnings(record=True) as notes:
-        warnings.simplefilter("always")
-        model = create_model(name, pretrained=weights, img_size=img_size)
-    for n in notes:
-        print(f"note: {n.message}", file=sys.stderr)
+def _load_model(
+    name: str, weights: str | None, img_size: int | None = None, num_classes: int | None = None
+):
+    """The model ``name`` with ``weights`` (if any) loaded strictly: a classifier of another size
+    is an error, not re-initialised. ``num_classes`` / ``img_size`` default to a converted
+    directory's config, else the model's. Notes go to stderr."""
+    cfg = read_meta(weights).get("config", {}) if weights and os.path.isdir(weights) else {}
+    try:
+        model = create_model(
+            name,
+            num_classes=num_classes or cfg.get("num_classes"),
+            img_size=img_size or cfg.get("img_size"),
+        )
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    if weights:
+        for note in load_pretrained(model, pretrained_source(name, weights)):
+            print(f"note: {note}", file=sys.stderr)
     return model
 
 
@@ -124,7 +135,7 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
 
 def _run_eval(a: argparse.Namespace) -> int:
     list_image_folder(a.data)  # a missing / empty folder fails before the model is built
-    model = _load_model_strict(a)
+    model = _load_model(a.model, a.weights, a.img_size, a.num_classes)
     r = evaluate(
         model,
         a.data,
@@ -153,7 +164,7 @@ def _add_predict(p: argparse.ArgumentParser) -> None:
 
 
 def _run_predict(a: argparse.Namespace) -> int:
-    model = _load_model_strict(a)
+    model = _load_model(a.model, a.weights, a.img_size, a.num_classes)
     names = None
     if a.class_names:
         names = read_class_names(a.class_names)
@@ -187,21 +198,6 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--img-size", type=int, default=None, help="crop size (default: the model's)")
     p.add_argument("--crop-pct", type=float, default=0.875, help="resize to img_size/crop_pct")
-
-
-def _load_model_strict(a: argparse.Namespace):
-    """The model with ``a.weights`` loaded strictly (a classifier of another size is an error,
-    not re-initialised); num_classes / img_size default to a converted directory's config."""
-    cfg = read_meta(a.weights).get("config", {}) if os.path.isdir(a.weights) else {}
-    a.num_classes = a.num_classes or cfg.get("num_classes")
-    a.img_size = a.img_size or cfg.get("img_size")
-    try:
-        model = create_model(a.model, num_classes=a.num_classes, img_size=a.img_size)
-    except ValueError as e:
-        raise CheckpointError(str(e)) from None
-    for note in load_pretrained(model, pretrained_source(a.model, a.weights)):
-        print(f"note: {note}", file=sys.stderr)
-    return model
 
 
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {

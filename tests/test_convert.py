@@ -325,6 +325,12 @@ def test_num_classes_and_img_size(fixtures_dir, tmp_path):
     )
     model = cga_jax.create_model("efficientvit_m0", pretrained=out, num_classes=7, img_size=256)
     assert model.head.linear.kernel.shape == (192, 7)
+    # export-torch takes the class count and image size from the converted directory
+    pth = tmp_path / "ft.pth"
+    argv = ["export-torch", "--model", "efficientvit_m0", "--weights", str(out), "--out", str(pth)]
+    assert main(argv) == 0
+    sd = torch.load(pth, weights_only=True)["model"]
+    assert tuple(sd["head.l.weight"].shape) == (7, 192)
     notes = convert(
         "efficientvit_m0", str(fixtures_dir / "official_m0.pth"), str(out), img_size=288
     )
