@@ -96,7 +96,9 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], lis
         raw = _load_raw(path)
     except ImportError as e:
         raise CheckpointError(
-            f"{path}: reading PyTorch files needs torch: pip install 'cga_jax[torch]' ({e})"
+            f"{path}: reading PyTorch files needs torch: pip install 'cga_jax[torch]' ({e}); "
+            "timm's copies of the release load without it: "
+            "pretrained='hf-hub:timm/efficientvit_m0.r224_in1k' (m0...m5)"
         ) from e
     except Exception as e:  # noqa: BLE001 - turn every reader error into one clear message
         raise CheckpointError(
