@@ -95,3 +95,11 @@ def test_convert_orbax_atomic(timm_file, tmp_path, monkeypatch):
     assert os.listdir(tmp_path / "out") == []
     with pytest.raises(cga_jax.CheckpointError, match="unknown format"):
         convert(MODEL, timm_file, str(tmp_path / "out" / "m"), fmt="npz")
+
+
+def test_convert_reads_its_source_once(timm_file, tmp_path, monkeypatch):
+    reads = []
+    real = cga_jax.checkpoint_io._load_raw
+    monkeypatch.setattr(cga_jax.checkpoint_io, "_load_raw", lambda p: reads.append(p) or real(p))
+    convert(MODEL, timm_file, str(tmp_path / "m"), img_size=64, num_classes=5)
+    assert reads == [timm_file]
