@@ -87,7 +87,7 @@ def _published_sha256(headers) -> str | None:
     return None
 
 
-def _fetch(url: str, f, progress: bool) -> tuple[str, str | None]:
+def _fetch(url: str, f) -> tuple[str, str | None]:
     """Stream ``url`` into the open file ``f``; returns (sha256 of the bytes, published sha256).
     Raises OSError on a transfer shorter than the announced ``Content-Length``."""
     from tqdm import tqdm
@@ -101,10 +101,10 @@ def _fetch(url: str, f, progress: bool) -> tuple[str, str | None]:
         total = int(length) if length and length.isdigit() else None
         digest, got = hashlib.sha256(), 0
         name = os.path.basename(urllib.parse.urlsplit(url).path)
+        # shown on a terminal only (disable=None)
         bar = tqdm(
-            total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=name,
-            disable=None if progress else True, leave=False,
-        )  # fmt: skip
+            total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=name, disable=None
+        )
         with bar:
             while chunk := r.read(1 << 20):
                 f.write(chunk)
@@ -121,7 +121,6 @@ def download(
     *,
     sha256: str | None = None,
     cache: str | None = None,
-    progress: bool = True,
     what: str | None = None,
 ) -> str:
     """Fetch ``url`` into the cache once (see the module docstring) and return the cached path.
@@ -144,7 +143,7 @@ def download(
         ) from e
     try:
         with os.fdopen(fd, "wb") as f:
-            got, published = _fetch(url, f, progress)
+            got, published = _fetch(url, f)
         want = (sha256 or published or "").lower()
         if want and got != want:
             raise CheckpointError(
