@@ -6,13 +6,16 @@ from cga_jax.config import VARIANTS, EfficientViTConfig
 from cga_jax.errors import CheckpointError
 from cga_jax.factory import create_model, get_config, list_models
 from cga_jax.fuse import fuse_bn
+from cga_jax.layers import set_impl
 from cga_jax.model import EfficientViT
+from cga_jax.ops import IMPLS, use_impl
 from cga_jax.torch_export import export_torch
 from cga_jax.xla_options import apply_cpu_flags
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "IMPLS",
     "VARIANTS",
     "apply_cpu_flags",
     "CascadedGroupAttention",
@@ -27,4 +30,6 @@ __all__ = [
     "get_config",
     "imagenet_class_names",
     "list_models",
+    "set_impl",
+    "use_impl",
 ]

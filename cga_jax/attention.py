@@ -9,9 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax import lax
 
+from cga_jax.config import head_kernels
 from cga_jax.layers import ConvNorm, ReLU
+from cga_jax.resize import resize_attention_biases
 
 
 @functools.cache
@@ -29,29 +30,6 @@ def attention_bias_index(resolution: int) -> np.ndarray:
     idx = idx.astype(np.int32)
     idx.setflags(write=False)
     return idx
-
-
-def broadcast_kernels(kernels: int | Sequence[int], num_heads: int) -> tuple[int, ...]:
-    """One odd kernel size per head.
-
-    An int (or a one-element sequence) is repeated for every head; a longer sequence is cut to
-    ``num_heads`` (the published configs list 4 sizes for 2-4 heads). A sequence with more than one
-    but fewer than ``num_heads`` entries is ambiguous and raises.
-    """
-    if isinstance(kernels, int):
-        kernels = (kernels,)
-    kernels = tuple(int(k) for k in kernels)
-    if len(kernels) == 1:
-        kernels = kernels * num_heads
-    if len(kernels) < num_heads:
-        raise ValueError(
-            f"kernels={kernels} gives {len(kernels)} sizes for {num_heads} heads; give one per "
-            "head (or a single int for all)"
-        )
-    kernels = kernels[:num_heads]
-    if any(k < 1 or k % 2 == 0 for k in kernels):
-        raise ValueError(f"kernels must be odd positive ints, got {kernels}")
-    return kernels
 
 
 def apply_in_windows(fn: Callable[[jax.Array], jax.Array], x: jax.Array, window: int) -> jax.Array:
@@ -91,7 +69,7 @@ def _check_map(x: jax.Array, dim: int, who: str) -> None:
 
 
 class CascadedGroupAttention(nnx.Module):
-    """Cascaded Group Attention (EfficientViT, Liu et al. 2023).
+    """Cascaded Group Attention (EfficientViT, Liu et al. 2023) over one window.
 
     The input's channels are split into ``num_heads`` equal groups. Head ``h`` sees group ``h``
     plus the output of head ``h-1``; it projects that to q, k, v with a 1x1 conv+BN, runs a
@@ -100,19 +78,9 @@ class CascadedGroupAttention(nnx.Module):
     relative offsets (``attention_biases``: (num_heads, resolution**2)). The heads' outputs are
     concatenated, passed through ReLU and a 1x1 conv+BN back to ``dim`` channels.
 
-    The bias table is sized by the *window* (``resolution``), never by the map: a map of exactly
-    ``resolution x resolution`` is attended as one window (timm's ``CascadedGroupAttention``); any
-    other (B, H, W, dim) map - non-square, not a multiple of the window, smaller than it - is
-    attended in zero-padded ``resolution``-sized windows (:func:`apply_in_windows`), which is what
-    the model's :class:`LocalWindowAttention` does.
-
-    In training mode, when every head has the same kernel size (M0, M3, and custom configs with
-    one ``kernels`` int), the cascade runs as one ``lax.scan`` over the heads' stacked parameters:
-    XLA compiles one head instead of ``num_heads`` (the M0 training step compiled ~10% faster, at
-    the same speed). Inference, and mixed sizes (M1, M2, M4, M5: 7, 5, 3), run as an unrolled loop:
-    in the folded forward the scan's stacked buffers cost M3 6-7% (batch 16, one thread), and
-    zero-padding the smaller kernels to scan them compiled M5's training step 15% faster but ran
-    it 7% slower.
+    Like timm's ``CascadedGroupAttention`` it attends one ``resolution x resolution`` window:
+    the bias table is sized by it. For maps of any other size use :class:`LocalWindowAttention`,
+    which tiles the map into such windows.
 
     Args:
       dim: input/output channels; must be divisible by ``num_heads``.
@@ -123,7 +91,7 @@ class CascadedGroupAttention(nnx.Module):
       resolution: the window side (and the bias table's grid side).
       kernels: depthwise kernel size on q per head (an int for all heads).
 
-    x: (B, H, W, dim) -> (B, H, W, dim).
+    x: (B, resolution, resolution, dim) -> same shape.
     """
 
     def __init__(
@@ -162,7 +130,7 @@ class CascadedGroupAttention(nnx.Module):
         self.val_dim = val_dim
         self.scale = key_dim**-0.5
         self.resolution = resolution
-        self.kernels = broadcast_kernels(kernels, num_heads)
+        self.kernels = head_kernels(kernels, num_heads)
         self.qkvs = nnx.List(
             [ConvNorm(split, 2 * key_dim + val_dim, rngs=rngs) for _ in range(num_heads)]
         )
@@ -188,8 +156,6 @@ class CascadedGroupAttention(nnx.Module):
         Call it outside ``jit`` and before building an optimizer over the model: the table is
         replaced by a new ``nnx.Param`` of shape (num_heads, resolution**2).
         """
-        from cga_jax.resize import resize_attention_biases  # local: avoids an import cycle
-
         if resolution < 1:
             raise ValueError(f"resolution must be >= 1, got {resolution}")
         if resolution == self.resolution:
@@ -199,14 +165,14 @@ class CascadedGroupAttention(nnx.Module):
         self.attention_biases = nnx.Param(jnp.asarray(new, dtype=old.dtype))
         self.resolution = resolution
 
-    def _head(self, qkv_m: nnx.Module, dw_m: nnx.Module, feat: jax.Array, bias: jax.Array):
-        """One head: feat (B, h, w, dim/heads), bias (N, N) -> (B, h, w, val_dim)."""
+    def _head(self, i: int, feat: jax.Array, bias: jax.Array) -> jax.Array:
+        """Head ``i``: feat (B, r, r, dim/heads), bias (N, N) -> (B, r, r, val_dim)."""
         b, h, w, _ = feat.shape
         n = h * w
         kd, vd = self.key_dim, self.val_dim
-        qkv = qkv_m(feat)  # (B, h, w, 2kd + vd)
+        qkv = self.qkvs[i](feat)  # (B, r, r, 2kd + vd)
         q, k, v = qkv[..., :kd], qkv[..., kd : 2 * kd], qkv[..., 2 * kd :]
-        q = dw_m(q)
+        q = self.dws[i](q)
         q = q.reshape(b, n, kd) * self.scale
         k = k.reshape(b, n, kd)
         v = v.reshape(b, n, vd)
@@ -214,72 +180,30 @@ class CascadedGroupAttention(nnx.Module):
         attn = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
         return jnp.einsum("bnm,bmc->bnc", attn, v).reshape(b, h, w, vd)
 
-    def _cascade_loop(self, x: jax.Array, bias: jax.Array) -> jax.Array:
-        """The cascade as an unrolled loop: x (B, h, w, dim) -> (B, h, w, num_heads * val_dim)."""
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: (B, resolution, resolution, dim) -> (B, resolution, resolution, dim)."""
+        _check_map(x, self.dim, f"CascadedGroupAttention(dim={self.dim}, heads={self.num_heads})")
+        r = self.resolution
+        if x.shape[1:3] != (r, r):
+            raise ValueError(
+                f"CascadedGroupAttention(resolution={r}) attends one {r}x{r} window, got a "
+                f"{x.shape[1]}x{x.shape[2]} map; use LocalWindowAttention(window_resolution={r}) "
+                "for maps of other sizes"
+            )
+        soft_dtype = jnp.promote_types(x.dtype, jnp.float32)  # softmax in >= f32 (bf16 inputs)
+        bias = self.bias().astype(soft_dtype)
         splits = jnp.split(x, self.num_heads, axis=-1)
         outs = []
         feat = splits[0]
-        for i in range(self.num_heads):
+        for i in range(self.num_heads):  # the cascade: head i sees split i + head i-1's output
             if i > 0:
                 feat = feat + splits[i]
-            feat = self._head(self.qkvs[i], self.dws[i], feat, bias[i])
+            feat = self._head(i, feat, bias[i])
             outs.append(feat)
-        return jnp.concatenate(outs, axis=-1)
-
-    def _cascade_scan(self, x: jax.Array, bias: jax.Array) -> jax.Array:
-        """The cascade as one ``lax.scan`` over heads with stacked per-head parameters.
-
-        x: (B, h, w, dim) -> (B, h, w, num_heads * val_dim), as :meth:`_cascade_loop`. XLA
-        compiles one head instead of ``num_heads``; BatchNorm running statistics come out of the
-        scan stacked and are written back to each head's module.
-        """
-        b, h, w, _ = x.shape
-        nh = self.num_heads
-        splits = jnp.moveaxis(x.reshape(b, h, w, nh, -1), 3, 0)  # (heads, B, h, w, split)
-        qkv_def = nnx.graphdef(self.qkvs[0])
-        qkv_states = [nnx.state(m) for m in self.qkvs]
-        dw_def = nnx.graphdef(self.dws[0])
-        dw_states = [nnx.state(m) for m in self.dws]
-        stack = functools.partial(jax.tree.map, lambda *a: jnp.stack(a))
-
-        def body(feat, xs):
-            split, qkv_st, dw_st, bias_i = xs
-            qkv_m, dw_m = nnx.merge(qkv_def, qkv_st), nnx.merge(dw_def, dw_st)
-            feat = self._head(qkv_m, dw_m, feat + split, bias_i)
-            stats = (nnx.state(qkv_m, nnx.BatchStat), nnx.state(dw_m, nnx.BatchStat))
-            return feat, (feat, stats)
-
-        # feat starts at 0: head 0 sees 0 + split_0 == split_0 exactly.
-        init = jnp.zeros_like(splits[0])
-        _, (outs, (qkv_stats, dw_stats)) = lax.scan(
-            body, init, (splits, stack(*qkv_states), stack(*dw_states), bias)
-        )
-        for i in range(nh):
-            nnx.update(self.qkvs[i], jax.tree.map(lambda a, i=i: a[i], qkv_stats))
-            nnx.update(self.dws[i], jax.tree.map(lambda a, i=i: a[i], dw_stats))
-        return jnp.moveaxis(outs, 0, 3).reshape(b, h, w, -1)
-
-    def _training(self) -> bool:
-        """Whether the heads' BatchNorms use batch statistics (train mode, not folded)."""
-        bn = self.qkvs[0].bn
-        return bn is not None and not bn.use_running_average
-
-    def _attend(self, x: jax.Array) -> jax.Array:
-        """One window per batch entry: (B, resolution, resolution, dim) -> same shape."""
-        soft_dtype = jnp.promote_types(x.dtype, jnp.float32)  # softmax in >= f32 (bf16 inputs)
-        bias = self.bias().astype(soft_dtype)
-        if self.num_heads > 1 and len(set(self.kernels)) == 1 and self._training():
-            y = self._cascade_scan(x, bias)
-        else:
-            y = self._cascade_loop(x, bias)
+        y = jnp.concatenate(outs, axis=-1)
         for layer in self.proj:
             y = layer(y)
         return y
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """x: (B, H, W, dim), any H, W >= 1 -> (B, H, W, dim)."""
-        _check_map(x, self.dim, f"CascadedGroupAttention(dim={self.dim}, heads={self.num_heads})")
-        return apply_in_windows(self._attend, x, self.resolution)
 
 
 class LocalWindowAttention(nnx.Module):
@@ -290,8 +214,9 @@ class LocalWindowAttention(nnx.Module):
     whose map is smaller than 7 gets a smaller window and bias table). For use outside the model,
     leave ``resolution=None``: the window is ``window_resolution``. A map of exactly one window is
     attended directly; otherwise it is zero-padded at the bottom/right to whole windows,
-    partitioned, attended (all windows batched), reassembled and cropped. Maps smaller than the
-    window are padded to one window: the bias table follows the window, never the map.
+    partitioned, attended (all windows batched), reassembled and cropped
+    (:func:`apply_in_windows`). Maps smaller than the window are padded to one window: the bias
+    table follows the window, never the map.
 
     Args:
       dim: input/output channels; must be divisible by ``num_heads``.
@@ -350,4 +275,4 @@ class LocalWindowAttention(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: (B, H, W, dim) -> (B, H, W, dim)."""
         _check_map(x, self.dim, f"LocalWindowAttention(dim={self.dim}, heads={self.num_heads})")
-        return apply_in_windows(self.attn._attend, x, self.attn.resolution)
+        return apply_in_windows(self.attn, x, self.attn.resolution)

@@ -10,6 +10,30 @@ import dataclasses
 from collections.abc import Sequence
 
 DownOp = tuple[str, int]
+IMPLS = ("auto", "standard", "cpu")  # cga_jax.ops' switch (ops re-exports this tuple)
+
+
+def head_kernels(kernels: int | Sequence[int], num_heads: int) -> tuple[int, ...]:
+    """One odd depthwise kernel size per attention head.
+
+    An int (or a one-element sequence) is repeated for every head; a longer sequence is cut to
+    ``num_heads`` (the published configs list 4 sizes for 2-4 heads). A sequence with more than one
+    but fewer than ``num_heads`` entries is ambiguous and raises, as does an even or non-positive
+    size.
+    """
+    if isinstance(kernels, int):
+        kernels = (kernels,)
+    kernels = tuple(int(k) for k in kernels)
+    if len(kernels) == 1:
+        kernels = kernels * num_heads
+    if len(kernels) < num_heads:
+        raise ValueError(
+            f"kernels={kernels} gives {len(kernels)} sizes for {num_heads} heads; give one per "
+            "head (or a single int for all)"
+        )
+    if any(k < 1 or k % 2 == 0 for k in kernels):
+        raise ValueError(f"kernels must be odd positive ints, got {kernels}")
+    return kernels[:num_heads]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +55,9 @@ class EfficientViTConfig:
       distillation: add the DeiT distillation head (its eval output is the mean of both heads).
       drop_rate: dropout before the classifier.
       drop_path_rate: stochastic depth on the residual branches (0 in the official recipe).
+      impl: implementation of the primitives (:mod:`cga_jax.ops`): ``"auto"`` (XLA-CPU kernels
+        when lowered for CPU, standard XLA ops elsewhere), ``"standard"`` or ``"cpu"``. Not part
+        of the architecture: weights load the same way whatever it is.
     """
 
     embed_dim: tuple[int, ...] = (64, 128, 192)
@@ -47,6 +74,7 @@ class EfficientViTConfig:
     distillation: bool = False
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
+    impl: str = "auto"
 
     def __post_init__(self) -> None:
         # Accept lists (e.g. from a JSON file or ml_collections) but store tuples: the config is
@@ -74,14 +102,12 @@ class EfficientViTConfig:
                     f"stage {i}: embed_dim={ed} is not divisible by num_heads={nh}; cascaded group "
                     "attention gives every head an equal channel split"
                 )
-            if len(self.kernels) < nh:
-                raise ValueError(
-                    f"stage {i} has {nh} heads but kernels={self.kernels} names only "
-                    f"{len(self.kernels)} kernel sizes (one per head is needed)"
-                )
-        for k in self.kernels:
-            if k < 1 or k % 2 == 0:
-                raise ValueError(f"kernels must be odd and positive, got {self.kernels}")
+            try:
+                head_kernels(self.kernels, nh)
+            except ValueError as e:
+                raise ValueError(f"stage {i} ({nh} heads): {e}") from None
+        if self.impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {self.impl!r}")
         if self.patch_size != 16:
             raise ValueError(f"patch_size must be 16 (4 stride-2 convs), got {self.patch_size}")
         if self.down_ops[0][0] == "subsample":
@@ -103,8 +129,13 @@ class EfficientViTConfig:
         )
 
     def stage_resolutions(self) -> tuple[int, ...]:
-        """Feature-map side of each stage at ``min(img_size)`` (e.g. 14, 7, 4 at 224)."""
+        """Feature-map side of each stage at ``min(img_size)`` (e.g. 14, 7, 4 at 224): what
+        sets the stages' attention windows."""
         res = min(self.img_hw) // self.patch_size
+        if res < 1:
+            raise ValueError(
+                f"img_size={self.img_size} is smaller than one patch ({self.patch_size})"
+            )
         out = []
         for op, stride in self.down_ops:
             if op == "subsample":

@@ -4,15 +4,19 @@ PyTorch key maps to a Flax path by renaming leaves only (``weight`` -> ``kernel`
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax import lax
 
-from cga_jax.ops import column_sum, conv2d
+from cga_jax.ops import (
+    batch_norm_train,
+    check_impl,
+    conv2d,
+    default_impl,
+    spatial_mean,
+)
 
 
 def _uniform(rngs: nnx.Rngs, shape: tuple[int, ...], bound: float) -> jax.Array:
@@ -49,49 +53,22 @@ def make_divisible(v: float, divisor: int = 8, round_limit: float = 0.0) -> int:
     return new_v
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def batch_norm_train(
-    x2: jax.Array, scale: jax.Array, bias: jax.Array, eps: float
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Training-mode BN of (N, C) float32: returns (y, batch mean, biased batch variance).
+def _impl(impl: str | None) -> str:
+    """The mode a layer records: ``impl``, or the :func:`cga_jax.ops.use_impl` default."""
+    return check_impl(default_impl() if impl is None else impl)
 
-    The backward pass is the closed form PyTorch uses,
-    ``dx = scale * invstd * (dy - mean(dy) - xhat * mean(dy * xhat))``, rather than autodiff through
-    the statistics: the latter sums large terms that cancel and loses float32 digits when the
-    normalised group is small (e.g. the head's BatchNorm1d on a batch of 2).
+
+def set_impl(model: nnx.Module, impl: str) -> nnx.Module:
+    """Set the implementation switch (``"auto"``, ``"standard"`` or ``"cpu"``, see
+    :mod:`cga_jax.ops`) of every layer of ``model`` in place; returns ``model``.
+
+    The mode is a static attribute: jitted functions of the model retrace after a change.
     """
-    return _bn_fwd(x2, scale, bias, eps)[0]
-
-
-def _bn_stats(x2: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    n = x2.shape[0]
-    mean = column_sum(x2) / n
-    centered = x2 - mean
-    var = column_sum(centered * centered) / n
-    return mean, var, centered
-
-
-def _bn_fwd(x2, scale, bias, eps):
-    mean, var, centered = _bn_stats(x2)
-    invstd = lax.rsqrt(var + eps)
-    xhat = centered * invstd
-    y = xhat * scale + bias
-    return (y, mean, var), (xhat, centered, invstd, scale)
-
-
-def _bn_bwd(eps, res, cts):
-    xhat, centered, invstd, scale = res
-    gy, gmean, gvar = cts
-    n = xhat.shape[0]
-    gbias = column_sum(gy)
-    gscale = column_sum(gy * xhat)
-    gx = (scale * invstd) * (gy - gbias / n - xhat * (gscale / n))
-    # the statistics outputs (used for running averages, normally under stop_gradient)
-    gx = gx + gmean / n + centered * (2.0 * gvar / n)
-    return gx, gscale, gbias
-
-
-batch_norm_train.defvjp(_bn_fwd, _bn_bwd)
+    check_impl(impl)
+    for _, m in nnx.iter_modules(model):
+        if hasattr(m, "impl") and isinstance(m.impl, str):
+            m.impl = impl
+    return model
 
 
 class BatchNorm(nnx.Module):
@@ -113,8 +90,10 @@ class BatchNorm(nnx.Module):
         epsilon: float = 1e-5,
         scale_init: float = 1.0,
         use_running_average: bool = False,
+        impl: str | None = None,
     ):
         self.num_features = num_features
+        self.impl = _impl(impl)
         self.momentum = momentum
         self.epsilon = epsilon
         self.use_running_average = use_running_average
@@ -132,7 +111,7 @@ class BatchNorm(nnx.Module):
         x2 = x.reshape(-1, x.shape[-1]).astype(stat_dtype)
         n = x2.shape[0]
         scale, bias = self.scale[...].astype(stat_dtype), self.bias[...].astype(stat_dtype)
-        y, mean, var = batch_norm_train(x2, scale, bias, self.epsilon)
+        y, mean, var = batch_norm_train(x2, scale, bias, self.epsilon, impl=self.impl)
         m = self.momentum
         unbiased = var * (n / max(n - 1, 1))
         # set_value, not ``self.mean[...] = ...``: the indexed form compares ``.sharding`` of
@@ -156,6 +135,7 @@ class Conv2d(nnx.Module):
         groups: int = 1,
         use_bias: bool = False,
         *,
+        impl: str | None = None,
         rngs: nnx.Rngs,
     ):
         if in_chs % groups or out_chs % groups:
@@ -167,6 +147,7 @@ class Conv2d(nnx.Module):
             padding,
             groups,
         )
+        self.impl = _impl(impl)
         shape = (kernel_size, kernel_size, in_chs // groups, out_chs)
         # PyTorch's default: kaiming_uniform(a=sqrt(5)) == U(+-1/sqrt(fan_in)), bias likewise
         bound = (in_chs // groups * kernel_size * kernel_size) ** -0.5
@@ -178,7 +159,8 @@ class Conv2d(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: (B, H, W, in_chs) -> (B, H', W', out_chs)."""
-        y = conv2d(x, self.kernel[...].astype(x.dtype), self.stride, self.padding, self.groups)
+        kernel = self.kernel[...].astype(x.dtype)
+        y = conv2d(x, kernel, self.stride, self.padding, self.groups, impl=self.impl)
         if self.bias is not None:
             y = y + self.bias[...].astype(y.dtype)
         return y
@@ -282,20 +264,21 @@ class ResidualDrop(nnx.Module):
 class SqueezeExcite(nnx.Module):
     """timm's SE module: mean-pool -> 1x1 conv -> ReLU -> 1x1 conv -> sigmoid gate."""
 
-    def __init__(self, channels: int, rd_ratio: float = 0.25, *, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        channels: int,
+        rd_ratio: float = 0.25,
+        *,
+        impl: str | None = None,
+        rngs: nnx.Rngs,
+    ):
         rd = make_divisible(channels * rd_ratio, 8, round_limit=0.0)
-        self.fc1 = Conv2d(channels, rd, use_bias=True, rngs=rngs)
-        self.fc2 = Conv2d(rd, channels, use_bias=True, rngs=rngs)
+        self.impl = _impl(impl)
+        self.fc1 = Conv2d(channels, rd, use_bias=True, impl=impl, rngs=rngs)
+        self.fc2 = Conv2d(rd, channels, use_bias=True, impl=impl, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: (B, H, W, C) -> (B, H, W, C)."""
-        b, h, w, c = x.shape
-        # The spatial mean as a batched matmul with a ones vector (sums in at least float32,
-        # then / (H*W)): as a jnp.mean, XLA-CPU fused the producer (PatchMerging's depthwise
-        # conv) into a reduction over the middle axes that ran ~5x slower than the conv itself.
-        acc = jnp.promote_types(x.dtype, jnp.float32)
-        ones = jnp.ones((b, h * w), x.dtype)
-        s = jnp.einsum("bpc,bp->bc", x.reshape(b, h * w, c), ones, preferred_element_type=acc)
-        s = (s / (h * w)).astype(x.dtype).reshape(b, 1, 1, c)  # (B, 1, 1, C)
+        s = spatial_mean(x, impl=self.impl)  # (B, 1, 1, C)
         s = self.fc2(jax.nn.relu(self.fc1(s)))
         return x * jax.nn.sigmoid(s)

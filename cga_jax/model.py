@@ -12,6 +12,7 @@ from cga_jax.attention import LocalWindowAttention
 from cga_jax.config import EfficientViTConfig
 from cga_jax.features import feature_take_indices
 from cga_jax.layers import ConvMlp, ConvNorm, NormLinear, ResidualDrop, SqueezeExcite
+from cga_jax.ops import use_impl
 
 
 class PatchEmbedding(nnx.Module):
@@ -132,7 +133,11 @@ class EfficientVitBlock(nnx.Module):
 
 
 class EfficientVitStage(nnx.Module):
-    """Optional subsample, then ``depth`` sandwich blocks."""
+    """Optional subsample, then ``depth`` sandwich blocks.
+
+    ``resolution`` is the stage's own map side (after its subsample), from
+    :meth:`EfficientViTConfig.stage_resolutions`: it sets the blocks' attention windows.
+    """
 
     def __init__(
         self,
@@ -153,14 +158,13 @@ class EfficientVitStage(nnx.Module):
             if downsample[1] != 2:
                 raise ValueError(f"only stride-2 subsampling exists, got {downsample}")
             self.stride = 2
-            self.resolution = (resolution - 1) // 2 + 1
             self.downsample = Subsample(in_dim, out_dim, drop, rngs=rngs)
         else:
             if in_dim != out_dim:
                 raise ValueError(f"a stage without subsample keeps its width ({in_dim}->{out_dim})")
             self.stride = 1
-            self.resolution = resolution
             self.downsample = nnx.data(None)
+        self.resolution = resolution
         self.blocks = nnx.List(
             [
                 EfficientVitBlock(
@@ -178,8 +182,8 @@ class EfficientVitStage(nnx.Module):
         )
 
     def set_input_size(self, resolution: int) -> None:
-        """``resolution``: the map side entering the stage (before its subsample)."""
-        self.resolution = (resolution - 1) // self.stride + 1
+        """``resolution``: the stage's own map side (after its subsample)."""
+        self.resolution = resolution
         for block in self.blocks:
             block.set_input_size(self.resolution)
 
@@ -197,25 +201,31 @@ class EfficientViT(nnx.Module):
     ``model(x)``: x (B, H, W, in_chans) float -> logits (B, num_classes). Any H, W works (the
     attention pads to whole windows); ``cfg.img_size`` only sets the window resolution, as in timm.
     ``model.eval()`` uses BN running statistics; ``model.train()`` uses batch statistics and
-    updates them. With ``distillation=True`` the eval output is the mean of both heads and the
-    training output is the pair ``(logits, logits_dist)``, as in the official code.
+    updates them. With ``distillation=True``, ``average_heads`` (set by ``eval()``, cleared by
+    ``train()``) makes the output the mean of both heads; otherwise it is the pair
+    ``(logits, logits_dist)``, as in the official code. ``cfg.impl`` picks the implementation of
+    the primitives (:mod:`cga_jax.ops`).
     """
 
     def __init__(self, cfg: EfficientViTConfig, *, rngs: nnx.Rngs):
+        with use_impl(cfg.impl):
+            self._build(cfg, rngs)
+
+    def _build(self, cfg: EfficientViTConfig, rngs: nnx.Rngs) -> None:
         self.cfg = cfg
         self.num_classes = cfg.num_classes
         self.patch_embed = PatchEmbedding(cfg.in_chans, cfg.embed_dim[0], rngs=rngs)
-        resolution = min(cfg.img_hw) // cfg.patch_size
         stages = []
         prev = cfg.embed_dim[0]
-        for ed, kd, dp, nh, ws, op in zip(
+        for ed, kd, dp, nh, ws, op, resolution in zip(
             cfg.embed_dim,
             cfg.key_dim,
             cfg.depth,
             cfg.num_heads,
             cfg.window_size,
             cfg.down_ops,
-            strict=False,
+            cfg.stage_resolutions(),
+            strict=True,
         ):
             stage = EfficientVitStage(
                 prev,
@@ -230,7 +240,6 @@ class EfficientViT(nnx.Module):
                 cfg.drop_path_rate,
                 rngs=rngs,
             )
-            resolution = stage.resolution
             prev = ed
             stages.append(stage)
         self.stages = nnx.List(stages)
@@ -239,7 +248,17 @@ class EfficientViT(nnx.Module):
         self.head_dist = (
             self._make_head(cfg.num_classes, rngs) if cfg.distillation else nnx.data(None)
         )
-        self.use_running_average = False  # set by model.eval()/model.train()
+        self.average_heads = False  # distillation: mean of both heads (set by eval())
+
+    def train(self, **attributes) -> None:
+        """Training mode: BN batch statistics, dropout on, distillation heads returned apart."""
+        super().train(**attributes)
+        self.average_heads = False
+
+    def eval(self, **attributes) -> None:
+        """Eval mode: BN running statistics, no dropout, distillation heads averaged."""
+        super().eval(**attributes)
+        self.average_heads = True
 
     def _make_head(self, num_classes: int, rngs: nnx.Rngs):
         if num_classes <= 0:
@@ -346,12 +365,8 @@ class EfficientViT(nnx.Module):
         optimizer (the resized tables are new ``nnx.Param`` objects).
         """
         cfg = self.cfg.replace(img_size=img_size)
-        resolution = min(cfg.img_hw) // cfg.patch_size
-        if resolution < 1:
-            raise ValueError(f"img_size={img_size} is smaller than one patch ({cfg.patch_size})")
-        for stage in self.stages:
+        for stage, resolution in zip(self.stages, cfg.stage_resolutions(), strict=True):
             stage.set_input_size(resolution)
-            resolution = stage.resolution
         self.cfg = cfg
 
     def forward_head(self, x: jax.Array, pre_logits: bool = False):
@@ -363,7 +378,7 @@ class EfficientViT(nnx.Module):
         if self.head_dist is None:
             return logits
         logits_dist = self.head_dist(x)
-        if self.use_running_average:
+        if self.average_heads:
             return (logits + logits_dist) / 2
         return logits, logits_dist
 

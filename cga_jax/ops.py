@@ -1,237 +1,89 @@
-"""Convolution kernels, NHWC, with PyTorch's padding semantics.
+"""The primitives every layer calls, NHWC, with PyTorch's semantics - and the one switch that
+picks their implementation.
 
-Five paths, chosen from static shapes, each exact on every backend:
+Primitives: :func:`conv2d` (dense, depthwise and grouped, PyTorch's explicit symmetric padding),
+:func:`batch_norm_train` (training-mode BatchNorm with the closed-form gradient),
+:func:`spatial_mean`. Each has a *standard* implementation - plain ``lax``/``jnp``, the ops XLA
+optimises on GPU and TPU (``lax.conv_general_dilated`` with ``feature_group_count`` for depthwise
+convs, ``jnp.sum`` for statistics) - and an XLA-CPU implementation in :mod:`cga_jax.cpu_kernels`.
 
-* 1x1, stride 1, dense: a matmul (``einsum``) - faster than a conv on XLA-CPU.
-* depthwise (``groups == C_in == C_out``): a sum of ``kh*kw`` shifted multiply-adds. XLA-CPU runs
-  grouped convolutions (``feature_group_count=C``) ~30x slower than PyTorch; the shifted form is on
-  par, and XLA fuses it into one loop on GPU/TPU too.
-* dense convs over at most 4 input channels (the stem's first conv, on RGB): a sum of
-  ``kh*kw*Ci`` broadcast multiply-adds (:func:`few_channel_conv`), one fused loop; XLA-CPU's
-  convolution ran 3-8x slower on these shapes. Its kernel gradient is an im2col matmul.
-* other dense convs (``groups == 1``, e.g. the rest of the stem): XLA's convolution forward, but
-  an im2col matmul under differentiation (:func:`im2col_conv`), whose gradients are matmuls.
-* anything else: ``lax.conv_general_dilated`` with explicit symmetric padding (``'SAME'`` would pad
-  (0, 1) at stride 2 where PyTorch pads (1, 1)).
+The switch, ``impl``, takes one of :data:`IMPLS`:
+
+* ``"auto"`` (the default): ``lax.platform_dependent`` picks when the computation is lowered -
+  the XLA-CPU kernels for ``cpu``, the standard ops for every other platform. A multi-platform
+  ``jax.export`` carries both and selects at run time; a single-platform lowering keeps only
+  its own branch.
+* ``"standard"``: the standard ops on every platform (ONNX export, comparisons).
+* ``"cpu"``: the XLA-CPU kernels on every platform.
+
+Layers store their mode as a static attribute when they are built, so a jitted function
+retraces when it changes: build under :func:`use_impl` (or pass ``impl=`` to
+``create_model`` / ``EfficientViTConfig``), or change a built model with
+:func:`cga_jax.layers.set_impl`. Functions called directly take ``impl=`` (default: the
+:func:`use_impl` setting at trace time).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
-import math
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from cga_jax import cpu_kernels
+from cga_jax.config import IMPLS
+from cga_jax.cpu_kernels import ColumnSums
 
-def pointwise_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """1x1 convolution. x: (B, H, W, Ci), kernel: (Ci, Co) -> (B, H, W, Co)."""
-    return jnp.einsum("...c,co->...o", x, kernel)
-
-
-def _tap(xp: jax.Array, i: int, j: int, ho: int, wo: int, stride: int) -> jax.Array:
-    """The input window that kernel tap (i, j) multiplies: xp (B, Hp, Wp, C) -> (B, ho, wo, C)."""
-    b, _, _, c = xp.shape
-    end = (b, i + (ho - 1) * stride + 1, j + (wo - 1) * stride + 1, c)
-    return lax.slice(xp, (0, i, j, 0), end, (1, stride, stride, 1))
+__all__ = ["IMPLS", "batch_norm_train", "conv2d", "default_impl", "spatial_mean", "use_impl"]
+_DEFAULT = contextvars.ContextVar("cga_jax_impl", default="auto")
 
 
-def _shifted_taps(xp: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
-    """Valid (unpadded) depthwise correlation of an already padded map.
-
-    xp: (B, Hp, Wp, C); kernel: (kh, kw, C) -> (B, (Hp - kh) // stride + 1, ..., C).
-    """
-    _, hp, wp, _ = xp.shape
-    kh, kw, _ = kernel.shape
-    ho, wo = (hp - kh) // stride + 1, (wp - kw) // stride + 1
-    out = None
-    for i in range(kh):
-        for j in range(kw):
-            term = _tap(xp, i, j, ho, wo, stride) * kernel[i, j]
-            out = term if out is None else out + term
-    return out
+def check_impl(impl: str) -> str:
+    """``impl`` if it is one of :data:`IMPLS`, else a ``ValueError`` naming the choices."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    return impl
 
 
-def column_sum(x2: jax.Array) -> jax.Array:
-    """Column sums of (N, C) -> (C,), as a sum of ~sqrt(N) partial sums of ~sqrt(N) rows each.
-
-    Used for BatchNorm statistics and depthwise kernel gradients. The two levels keep float32
-    rounding near sqrt(N) ulps for the 10^4-10^6 rows of a batch of feature maps. On XLA-CPU it
-    was as fast as or faster than one ``jnp.sum`` and than the same sums as matmuls with a ones
-    vector (which made XLA transpose the whole map first).
-    """
-    n, c = x2.shape
-    if n <= 1024:
-        return jnp.sum(x2, axis=0)
-    block = math.isqrt(n - 1) + 1  # ceil(sqrt(n))
-    nblocks = -(-n // block)
-    if nblocks * block != n:
-        x2 = jnp.pad(x2, ((0, nblocks * block - n), (0, 0)))
-    return jnp.sum(jnp.sum(x2.reshape(nblocks, block, c), axis=1), axis=0)
+def default_impl() -> str:
+    """The mode that layers built now record (``"auto"`` unless inside :func:`use_impl`)."""
+    return _DEFAULT.get()
 
 
-def _pad_hw(x: jax.Array, padding: int) -> jax.Array:
-    if not padding:
-        return x
-    return jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+@contextlib.contextmanager
+def use_impl(impl: str) -> Iterator[str]:
+    """Within the block, layers are built with (and direct calls default to) ``impl``."""
+    token = _DEFAULT.set(check_impl(impl))
+    try:
+        yield impl
+    finally:
+        _DEFAULT.reset(token)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
-    """Depthwise convolution as shifted multiply-adds.
-
-    x: (B, H, W, C); kernel: (kh, kw, C); zero padding ``padding`` on every side, like
-    ``torch.nn.Conv2d(C, C, k, stride, padding, groups=C)``. Returns (B, Ho, Wo, C).
-
-    The kernel gradient is written by hand (one reduction per tap, stacked). Autodiff gives the
-    same sums but adds each tap's scalar-row gradient into a zero kernel through its own
-    pad + add, ``kh*kw`` extra kernels per convolution for XLA to compile: the hand-written form
-    cut the compile time of a block's training step by ~20% at the same run time. The input
-    gradient is autodiff's (the transposed shifted adds), which ran faster than a hand-written
-    correlation with the flipped kernel.
-    """
-    return _shifted_taps(_pad_hw(x, padding), kernel, stride)
+def select(
+    impl: str | None, standard: Callable[..., Any], cpu: Callable[..., Any], *args: Any
+) -> Any:
+    """Call ``standard(*args)`` or ``cpu(*args)`` as ``impl`` says (``None``: the default)."""
+    mode = check_impl(default_impl() if impl is None else impl)
+    if mode == "standard":
+        return standard(*args)
+    if mode == "cpu":
+        return cpu(*args)
+    return lax.platform_dependent(*args, cpu=cpu, default=standard)
 
 
-def _depthwise_fwd(x, kernel, stride, padding):
-    return depthwise_conv(x, kernel, stride, padding), (x, kernel)
-
-
-def _depthwise_bwd(stride, padding, res, g):
-    """g: (B, Ho, Wo, C) -> (dx (B, H, W, C), dkernel (kh, kw, C))."""
-    x, kernel = res
-    kh, kw, c = kernel.shape
-    ho, wo = g.shape[1], g.shape[2]
-    # The barrier keeps XLA from merging these taps with the forward's identical slices (CSE):
-    # shared, each of the kh*kw taps had to be written to memory, with the producer of x
-    # recomputed into every one of them.
-    x = lax.optimization_barrier(x)
-    xp = _pad_hw(x, padding)
-    taps = [
-        column_sum((_tap(xp, i, j, ho, wo, stride) * g).reshape(-1, c))
-        for i in range(kh)
-        for j in range(kw)
-    ]
-    dk = jnp.stack(taps).reshape(kh, kw, c).astype(kernel.dtype)
-    _, x_vjp = jax.vjp(lambda a: _shifted_taps(_pad_hw(a, padding), kernel, stride), x)
-    (dx,) = x_vjp(g)
-    return dx, dk
-
-
-depthwise_conv.defvjp(_depthwise_fwd, _depthwise_bwd)
-
-
-def _im2col(x: jax.Array, kh: int, kw: int, stride: int, padding: int) -> jax.Array:
-    """(B, H, W, Ci) -> (B, Ho, Wo, kh*kw*Ci): the strided taps in the kernel's (kh, kw, Ci)
-    order, concatenated on the channel axis."""
-    xp = _pad_hw(x, padding)
-    ho, wo = (xp.shape[1] - kh) // stride + 1, (xp.shape[2] - kw) // stride + 1
-    taps = [_tap(xp, i, j, ho, wo, stride) for i in range(kh) for j in range(kw)]
-    return taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)
-
-
-def _im2col_grads(
-    cols: jax.Array,
-    kernel: jax.Array,
-    x_aval: jax.ShapeDtypeStruct,
-    g: jax.Array,
-    stride: int,
-    padding: int,
-) -> tuple[jax.Array, jax.Array]:
-    """Gradients of ``cols @ kernel`` through the im2col gather.
-
-    cols: (B, Ho, Wo, kh*kw*Ci); kernel: (kh, kw, Ci, Co); g: (B, Ho, Wo, Co) ->
-    (dx like ``x_aval``, dkernel like ``kernel``). dx is the transpose of the gather (shifted
-    adds); XLA drops it when the input needs no gradient (an image).
-    """
-    kh, kw, ci, co = kernel.shape
-    dk = jnp.einsum("bhwk,bhwo->ko", cols, g).reshape(kernel.shape).astype(kernel.dtype)
-    dcols = jnp.einsum("bhwo,ko->bhwk", g, kernel.reshape(kh * kw * ci, co))
-    (dx,) = jax.linear_transpose(lambda a: _im2col(a, kh, kw, stride, padding), x_aval)(dcols)
-    return dx, dk
-
-
-MAX_FEW_CHANNELS = 4  # dense convs with at most this many input channels take few_channel_conv
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def few_channel_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
-    """Dense convolution over few input channels as broadcast multiply-adds.
-
-    x: (B, H, W, Ci); kernel: (kh, kw, Ci, Co) (HWIO) -> (B, Ho, Wo, Co), PyTorch padding. The
-    output is ``sum over (i, j, c) of tap_ij[..., c:c+1] * kernel[i, j, c]`` - ``kh*kw*Ci`` terms,
-    accumulated in at least float32, that XLA fuses into one loop with whatever follows (bias,
-    ReLU). For the RGB stem conv (Ci=3, 3x3, stride 2) on XLA-CPU this ran at 2.3 ms instead of
-    9.6 ms (Co=8, batch 16, one thread) and 4.7 instead of 37 ms (Co=24). Under differentiation
-    only ``x`` is kept; the backward gathers the patches and takes the kernel gradient as one
-    matmul (:func:`_im2col_grads`).
-    """
-    kh, kw, ci, _ = kernel.shape
-    acc = jnp.promote_types(x.dtype, jnp.float32)
-    xp = _pad_hw(x, padding).astype(acc)
-    ho, wo = (xp.shape[1] - kh) // stride + 1, (xp.shape[2] - kw) // stride + 1
-    k = kernel.astype(acc)
-    out = None
-    for i in range(kh):
-        for j in range(kw):
-            tap = _tap(xp, i, j, ho, wo, stride)
-            for c in range(ci):
-                term = tap[..., c : c + 1] * k[i, j, c]
-                out = term if out is None else out + term
-    return out.astype(x.dtype)
-
-
-def _few_fwd(x, kernel, stride, padding):
-    return few_channel_conv(x, kernel, stride, padding), (x, kernel)
-
-
-def _few_bwd(stride, padding, res, g):
-    x, kernel = res
-    kh, kw, _, _ = kernel.shape
-    cols = _im2col(x, kh, kw, stride, padding)
-    return _im2col_grads(cols, kernel, jax.ShapeDtypeStruct(x.shape, x.dtype), g, stride, padding)
-
-
-few_channel_conv.defvjp(_few_fwd, _few_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def im2col_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
-    """Dense convolution whose training pass is one matmul over the gathered patches.
-
-    x: (B, H, W, Ci); kernel: (kh, kw, Ci, Co) (HWIO) -> (B, Ho, Wo, Co). Outside
-    differentiation this is XLA's convolution (:func:`dense_conv`), the fastest forward. Under
-    ``jax.grad``/``vjp`` the forward is the im2col matmul - (B, Ho, Wo, kh*kw*Ci) patches times the
-    kernel reshaped to (kh*kw*Ci, Co) - and the patches are kept for the kernel gradient, so both
-    gradients are matmuls (plus the patches' transpose: shifted adds). On XLA-CPU the stem's
-    training step (four 3x3 stride-2 convolutions) ran ~1.6x faster this way: XLA's own
-    convolution kernel gradient ran at ~2 GFLOP/s. Both forwards compute the same sums in a
-    different order (float32 rounding apart, equal).
-    """
-    return dense_conv(x, kernel, stride, padding)
-
-
-def _im2col_fwd(x, kernel, stride, padding):
-    kh, kw, ci, co = kernel.shape
-    cols = _im2col(x, kh, kw, stride, padding)
-    y = jnp.einsum("bhwk,ko->bhwo", cols, kernel.reshape(kh * kw * ci, co))
-    return y, (cols, kernel, jax.ShapeDtypeStruct(x.shape, x.dtype))
-
-
-def _im2col_bwd(stride, padding, res, g):
-    """g: (B, Ho, Wo, Co) -> (dx (B, H, W, Ci), dkernel (kh, kw, Ci, Co))."""
-    cols, kernel, x_aval = res
-    return _im2col_grads(cols, kernel, x_aval, g, stride, padding)
-
-
-im2col_conv.defvjp(_im2col_fwd, _im2col_bwd)
-
-
-def dense_conv(
-    x: jax.Array, kernel: jax.Array, stride: int, padding: int, groups: int = 1
+# ---- convolution -----------------------------------------------------------------------------
+def _standard_conv2d(
+    x: jax.Array, kernel: jax.Array, stride: int, padding: int, groups: int
 ) -> jax.Array:
-    """General convolution. x: (B, H, W, Ci); kernel: (kh, kw, Ci // groups, Co) (HWIO)."""
+    kh, kw, _, _ = kernel.shape
+    if kh == kw == 1 and groups == 1 and stride == 1 and padding == 0:
+        return jnp.einsum("...c,co->...o", x, kernel[0, 0])  # a 1x1 conv is a matmul
     return lax.conv_general_dilated(
         x,
         kernel,
@@ -243,17 +95,90 @@ def dense_conv(
 
 
 def conv2d(
-    x: jax.Array, kernel: jax.Array, stride: int = 1, padding: int = 0, groups: int = 1
+    x: jax.Array,
+    kernel: jax.Array,
+    stride: int = 1,
+    padding: int = 0,
+    groups: int = 1,
+    *,
+    impl: str | None = None,
 ) -> jax.Array:
-    """Dispatch on static shapes. kernel: (kh, kw, Ci // groups, Co) (HWIO)."""
-    kh, kw, ipg, co = kernel.shape
-    ci = x.shape[-1]
-    if kh == kw == 1 and groups == 1 and stride == 1 and padding == 0:
-        return pointwise_conv(x, kernel[0, 0])
-    if groups == ci == co and ipg == 1:
-        return depthwise_conv(x, kernel[:, :, 0, :], stride, padding)
-    if groups == 1 and ci <= MAX_FEW_CHANNELS:
-        return few_channel_conv(x, kernel, stride, padding)
-    if groups == 1:
-        return im2col_conv(x, kernel, stride, padding)
-    return dense_conv(x, kernel, stride, padding, groups)
+    """``torch.nn.functional.conv2d`` in NHWC with symmetric zero padding ``padding``.
+
+    x: (B, H, W, Ci); kernel: (kh, kw, Ci // groups, Co) (HWIO) -> (B, Ho, Wo, Co). ``groups ==
+    Ci == Co`` is a depthwise convolution. (``'SAME'`` padding would pad (0, 1) at stride 2 where
+    PyTorch pads (1, 1), hence explicit padding.)
+    """
+    if x.shape[-1] != kernel.shape[2] * groups:
+        raise ValueError(
+            f"conv2d: input has {x.shape[-1]} channels, kernel {kernel.shape} with groups={groups} "
+            f"expects {kernel.shape[2] * groups}"
+        )
+    std = functools.partial(_standard_conv2d, stride=stride, padding=padding, groups=groups)
+    cpu = functools.partial(cpu_kernels.conv2d, stride=stride, padding=padding, groups=groups)
+    return select(impl, std, cpu, x, kernel)
+
+
+# ---- spatial mean ----------------------------------------------------------------------------
+def _standard_spatial_mean(x: jax.Array) -> jax.Array:
+    acc = jnp.promote_types(x.dtype, jnp.float32)
+    return jnp.mean(x, axis=(1, 2), keepdims=True, dtype=acc).astype(x.dtype)
+
+
+def spatial_mean(x: jax.Array, *, impl: str | None = None) -> jax.Array:
+    """(B, H, W, C) -> (B, 1, 1, C), accumulated in at least float32."""
+    return select(impl, _standard_spatial_mean, cpu_kernels.spatial_mean, x)
+
+
+# ---- training-mode BatchNorm -----------------------------------------------------------------
+STANDARD_SUMS = ColumnSums(
+    sum=lambda x2: jnp.sum(x2, axis=0),
+    broadcast=lambda v, n: jnp.broadcast_to(v, (n, v.shape[0])),
+)
+
+
+def _bn_forward(x2, scale, bias, eps, sums):
+    n = x2.shape[0]
+    mean = sums.sum(x2) / n
+    centered = x2 - mean
+    var = sums.sum(centered * centered) / n  # two passes: no E[x^2] - E[x]^2 cancellation
+    invstd = lax.rsqrt(var + eps)
+    xhat = centered * invstd
+    return (xhat * scale + bias, mean, var), (centered, invstd, xhat)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4))
+def _bn_train(x2, scale, bias, eps: float, sums: ColumnSums):
+    return _bn_forward(x2, scale, bias, eps, sums)[0]
+
+
+@_bn_train.defjvp
+def _bn_train_jvp(eps, sums, primals, tangents):
+    """Tangent of y in the projected form ``scale * invstd * (tx - mean(tx) - xhat *
+    mean(tx * xhat))``. Its transpose is PyTorch's closed-form input gradient; autodiff through
+    the statistics instead sums large terms that cancel and loses float32 digits when the
+    normalised group is small (the head's BatchNorm1d on a batch of 2)."""
+    x2, scale, bias = primals
+    tx, tscale, tbias = tangents
+    n = x2.shape[0]
+    out, (centered, invstd, xhat) = _bn_forward(x2, scale, bias, eps, sums)
+    tmean = sums.sum(tx) / n
+    proj = sums.sum(tx * xhat) / n
+    inner = tx - sums.broadcast(tmean, n) - xhat * sums.broadcast(proj, n)
+    ty = (scale * invstd) * inner + xhat * sums.broadcast(tscale, n) + sums.broadcast(tbias, n)
+    tvar = 2.0 * sums.sum(centered * tx) / n
+    return out, (ty, tmean, tvar)
+
+
+def batch_norm_train(
+    x2: jax.Array, scale: jax.Array, bias: jax.Array, eps: float, *, impl: str | None = None
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Training-mode BatchNorm of (N, C): returns (y (N, C), batch mean (C,), biased batch
+    variance (C,)), all in ``x2``'s dtype (call it with float32 or float64).
+
+    Differentiable in both modes; the input gradient is the closed form PyTorch uses. The CPU
+    path reduces with two-level column sums (:func:`cga_jax.cpu_kernels.column_sum`).
+    """
+    std = functools.partial(_bn_train, eps=eps, sums=STANDARD_SUMS)
+    cpu = functools.partial(_bn_train, eps=eps, sums=cpu_kernels.TWO_LEVEL_SUMS)
+    return select(impl, std, cpu, x2, scale, bias)
