@@ -3,13 +3,13 @@
 from cga_jax.attention import CascadedGroupAttention, LocalWindowAttention, attention_bias_index
 from cga_jax.classes import imagenet_class_names
 from cga_jax.config import VARIANTS, EfficientViTConfig
+from cga_jax.errors import CheckpointError
+from cga_jax.factory import create_model, get_config, list_models
 from cga_jax.fuse import fuse_bn
 from cga_jax.layers import set_impl
 from cga_jax.model import EfficientViT
 from cga_jax.ops import IMPLS, use_impl
-from cga_jax.registry import create_model, get_config, list_models
 from cga_jax.torch_export import export_torch
-from cga_jax.weights import CheckpointError
 from cga_jax.xla_options import apply_cpu_flags
 
 __version__ = "0.1.0"
@@ -33,4 +33,3 @@ __all__ = [
     "set_impl",
     "use_impl",
 ]
-from cga_jax import loading, weights  # noqa: E402,F401

@@ -7,11 +7,27 @@ in :data:`COMMANDS`.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 
-from cga_jax.weights import CheckpointError
+from cga_jax.checkpoint_io import FORMATS, atomic_write, read_meta
+from cga_jax.classes import imagenet_class_names, read_class_names
+from cga_jax.convert import convert
+from cga_jax.errors import CheckpointError
+from cga_jax.evaluate import evaluate
+from cga_jax.factory import create_model, pretrained_source
+from cga_jax.loading import load_pretrained
+from cga_jax.predict import predict
+from cga_jax.preprocess import list_image_folder
+from cga_jax.serving import export_serving
+from cga_jax.torch_export import LAYOUTS, export_torch
 from cga_jax.xla_options import apply_cpu_flags
+
+WEIGHTS_HELP = (
+    "a `cga-jax convert` directory, a checkpoint file (.pth/.safetensors/.npz), 'official' (the "
+    "release weights of --model), official:<model>, hf-hub:<org>/<name> or an http(s)/file URL"
+)
 
 
 def _add_convert(p: argparse.ArgumentParser) -> None:
@@ -19,23 +35,21 @@ def _add_convert(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--src",
         required=True,
-        help="a .pth/.safetensors file, hf-hub:timm/efficientvit_m0.r224_in1k, "
-        "official:efficientvit_m0 or an http(s)/file URL",
+        help="a .pth/.safetensors/.npz file, official:efficientvit_m0, "
+        "hf-hub:timm/efficientvit_m0.r224_in1k or an http(s)/file URL (downloads are cached)",
     )
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--num-classes", type=int, default=None, help="new classifier size (drops head)")
     p.add_argument("--img-size", type=int, default=None, help="resize attention-bias tables")
     p.add_argument(
         "--format",
-        choices=("safetensors", "orbax", "both"),
+        choices=FORMATS,
         default="safetensors",
         help="weights as model.safetensors (default), an Orbax checkpoint (orbax/) or both",
     )
 
 
 def _run_convert(a: argparse.Namespace) -> int:
-    from cga_jax.convert import convert
-
     notes = convert(
         a.model, a.src, a.out, num_classes=a.num_classes, img_size=a.img_size, fmt=a.format
     )
@@ -47,27 +61,17 @@ def _run_convert(a: argparse.Namespace) -> int:
 
 def _add_export_torch(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True)
-    p.add_argument("--weights", required=True, help="a converted directory or any checkpoint")
+    p.add_argument("--weights", required=True, help=WEIGHTS_HELP)
     p.add_argument("--out", required=True, help="output .pth (or .safetensors)")
-    p.add_argument("--layout", choices=("official", "timm"), default="official")
+    p.add_argument("--layout", choices=LAYOUTS, default="official")
 
 
 def _run_export_torch(a: argparse.Namespace) -> int:
-    import json
-    import os
-
     import torch
 
-    from cga_jax.convert import atomic_write
-    from cga_jax.torch_export import export_torch
-
     model = _load_model(a.model, a.weights)
-    nbt = 0
-    meta = os.path.join(a.weights, "config.json")
-    if os.path.isdir(a.weights) and os.path.exists(meta):
-        with open(meta) as f:
-            nbt = json.load(f).get("num_batches_tracked", 0)
-    sd = export_torch(model, a.layout, nbt)
+    meta = read_meta(a.weights) if os.path.isdir(a.weights) else {}
+    sd = export_torch(model, a.layout, meta.get("num_batches_tracked", 0))
     if a.out.endswith(".safetensors"):
         from safetensors.torch import save_file
 
@@ -88,9 +92,6 @@ def _add_export(p: argparse.ArgumentParser) -> None:
 
 
 def _run_export(a: argparse.Namespace) -> int:
-    from cga_jax.convert import atomic_write
-    from cga_jax.serving import export_serving
-
     model = _load_model(a.model, a.weights, img_size=a.img_size)
     data = export_serving(model, a.img_size, fuse=not a.no_fuse)
 
@@ -103,16 +104,24 @@ def _run_export(a: argparse.Namespace) -> int:
     return 0
 
 
-def _load_model(name: str, weights: str | None, img_size: int | None = None):
-    import warnings
-
-    from cga_jax.registry import create_model
-
-    with warnings.catch_warnings(record=True) as notes:
-        warnings.simplefilter("always")
-        model = create_model(name, pretrained=weights, img_size=img_size)
-    for n in notes:
-        print(f"note: {n.message}", file=sys.stderr)
+def _load_model(
+    name: str, weights: str | None, img_size: int | None = None, num_classes: int | None = None
+):
+    """The model ``name`` with ``weights`` (if any) loaded strictly: a classifier of another size
+    is an error, not re-initialised. ``num_classes`` / ``img_size`` default to a converted
+    directory's config, else the model's. Notes go to stderr."""
+    cfg = read_meta(weights).get("config", {}) if weights and os.path.isdir(weights) else {}
+    try:
+        model = create_model(
+            name,
+            num_classes=num_classes or cfg.get("num_classes"),
+            img_size=img_size or cfg.get("img_size"),
+        )
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    if weights:
+        for note in load_pretrained(model, pretrained_source(name, weights)):
+            print(f"note: {note}", file=sys.stderr)
     return model
 
 
@@ -125,11 +134,8 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
 
 
 def _run_eval(a: argparse.Namespace) -> int:
-    from cga_jax.evaluate import evaluate
-    from cga_jax.preprocess import list_image_folder
-
     list_image_folder(a.data)  # a missing / empty folder fails before the model is built
-    model = _load_model_strict(a)
+    model = _load_model(a.model, a.weights, a.img_size, a.num_classes)
     r = evaluate(
         model,
         a.data,
@@ -158,10 +164,7 @@ def _add_predict(p: argparse.ArgumentParser) -> None:
 
 
 def _run_predict(a: argparse.Namespace) -> int:
-    from cga_jax.classes import imagenet_class_names, read_class_names
-    from cga_jax.predict import predict
-
-    model = _load_model_strict(a)
+    model = _load_model(a.model, a.weights, a.img_size, a.num_classes)
     names = None
     if a.class_names:
         names = read_class_names(a.class_names)
@@ -186,9 +189,7 @@ def _run_predict(a: argparse.Namespace) -> int:
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="e.g. efficientvit_m0")
-    p.add_argument(
-        "--weights", required=True, help="a `cga-jax convert` directory or a checkpoint file"
-    )
+    p.add_argument("--weights", required=True, help=WEIGHTS_HELP)
     p.add_argument(
         "--num-classes",
         type=int,
@@ -197,31 +198,6 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--img-size", type=int, default=None, help="crop size (default: the model's)")
     p.add_argument("--crop-pct", type=float, default=0.875, help="resize to img_size/crop_pct")
-
-
-def _load_model_strict(a: argparse.Namespace):
-    """The model with ``a.weights`` loaded strictly (a classifier of another size is an error,
-    not re-initialised); num_classes / img_size default to a converted directory's config."""
-    import json
-    import os
-
-    from cga_jax.loading import load_pretrained
-    from cga_jax.registry import create_model
-
-    cfg = {}
-    meta = os.path.join(a.weights, "config.json")
-    if os.path.isfile(meta):
-        with open(meta) as f:
-            cfg = json.load(f).get("config", {})
-    a.num_classes = a.num_classes or cfg.get("num_classes")
-    a.img_size = a.img_size or cfg.get("img_size")
-    try:
-        model = create_model(a.model, num_classes=a.num_classes, img_size=a.img_size)
-    except ValueError as e:
-        raise CheckpointError(str(e)) from None
-    for note in load_pretrained(model, a.weights):
-        print(f"note: {note}", file=sys.stderr)
-    return model
 
 
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {

@@ -147,7 +147,7 @@ def test_sharded_forward_equals_one_device(tmp_path):
     """The threads2 contestant: the folded M0 over 2 host devices, batch sharded, gives the
     single-device logits."""
     from cga_jax.config import VARIANTS
-    from cga_jax.weights import to_timm_state_dict
+    from cga_jax.keymap import to_timm_state_dict
 
     weights = tmp_path / "m0.npz"
     np.savez(weights, **to_timm_state_dict(_random_tiny(1, VARIANTS["efficientvit_m0"])))

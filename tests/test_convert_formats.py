@@ -1,4 +1,4 @@
-"""Converter output formats (safetensors / Orbax) and the hf-hub source, offline, without torch."""
+"""Converter output formats (safetensors / Orbax), without torch."""
 
 from __future__ import annotations
 
@@ -10,15 +10,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
 import cga_jax
+import cga_jax.checkpoint_io
+import cga_jax.convert
+from cga_jax.checkpoint_io import read_converted
 from cga_jax.cli import main
-from cga_jax.convert import convert, read_converted, resolve_source
-from cga_jax.weights import to_timm_state_dict
+from cga_jax.convert import convert
+from cga_jax.keymap import to_timm_state_dict
 
 MODEL = "efficientvit_m0"
-HUB = "timm/efficientvit_m0.r224_in1k"
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +36,7 @@ def timm_file(tmp_path_factory) -> str:
 def _no_variant_guess(monkeypatch):
     """convert() guesses the variant by building every registered one (slow on a loaded CPU);
     the guess is tested in test_convert.py, not here."""
-    import cga_jax.variants
-
-    monkeypatch.setattr(cga_jax.variants, "guess_variant", lambda sd: None)
+    monkeypatch.setattr(cga_jax.convert, "guess_variant", lambda sd: None)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -82,13 +82,11 @@ def test_convert_orbax_equals_safetensors(timm_file, tmp_path):
 
 
 def test_convert_orbax_atomic(timm_file, tmp_path, monkeypatch):
-    import cga_jax.convert as cv
-
     def boom(flat, path):
         os.makedirs(path)
         raise OSError("disk full")
 
-    monkeypatch.setattr(cv, "save_orbax", boom)
+    monkeypatch.setattr(cga_jax.checkpoint_io, "save_orbax", boom)
     (tmp_path / "out").mkdir()
     with pytest.raises(OSError, match="disk full"):
         convert(
@@ -99,33 +97,9 @@ def test_convert_orbax_atomic(timm_file, tmp_path, monkeypatch):
         convert(MODEL, timm_file, str(tmp_path / "out" / "m"), fmt="npz")
 
 
-def test_hf_hub_from_offline_cache(timm_file, tmp_path, monkeypatch):
-    """hf-hub:org/name resolves through huggingface_hub's real cache lookup (offline)."""
-    from huggingface_hub import constants
-
-    cache = tmp_path / "hub"
-    repo = cache / ("models--" + HUB.replace("/", "--"))
-    rev = "0123456789abcdef0123456789abcdef01234567"
-    blob = repo / "blobs" / "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
-    snap = repo / "snapshots" / rev / "model.safetensors"
-    for d in (blob.parent, snap.parent, repo / "refs"):
-        d.mkdir(parents=True)
-    blob.write_bytes(open(timm_file, "rb").read())
-    snap.symlink_to(os.path.relpath(blob, snap.parent))
-    (repo / "refs" / "main").write_text(rev)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    path = resolve_source(f"hf-hub:{HUB}")
-    assert os.path.realpath(path) == os.path.realpath(blob)
-    out = tmp_path / "m0"
-    argv = ["convert", "--model", MODEL, "--src", f"hf-hub:{HUB}", "--out", str(out)]
-    assert main([*argv, "--img-size", "64", "--num-classes", "5"]) == 0
-    want = load_file(timm_file)
-    got, meta = read_converted(str(out))
-    assert meta["source"] == f"hf-hub:{HUB}" and set(got) == set(want)
-    model = cga_jax.create_model(MODEL, pretrained=out, img_size=64, num_classes=5)
-    loaded = to_timm_state_dict(model)
-    for k, v in want.items():
-        assert np.array_equal(got[k], v) and np.array_equal(loaded[k], v), k
+def test_convert_reads_its_source_once(timm_file, tmp_path, monkeypatch):
+    reads = []
+    real = cga_jax.checkpoint_io._load_raw
+    monkeypatch.setattr(cga_jax.checkpoint_io, "_load_raw", lambda p: reads.append(p) or real(p))
+    convert(MODEL, timm_file, str(tmp_path / "m"), img_size=64, num_classes=5)
+    assert reads == [timm_file]

@@ -20,8 +20,8 @@ import cga_jax
 from cga_jax.cli import main
 from cga_jax.config import VARIANTS
 from cga_jax.evaluate import evaluate
+from cga_jax.keymap import to_timm_state_dict
 from cga_jax.preprocess import eval_preprocess
-from cga_jax.weights import to_timm_state_dict
 
 TEST_VARIANT = "efficientvit_test"
 CFG = cga_jax.EfficientViTConfig(

@@ -13,8 +13,9 @@ from flax import nnx
 from utils import assert_grads_close, assert_logits_close, assert_rel_l2
 
 import cga_jax
+from cga_jax.checkpoint_io import read_state_dict
+from cga_jax.keymap import official_to_timm, timm_key_to_path, to_flax_layout
 from cga_jax.loading import load_pretrained
-from cga_jax.weights import official_to_timm, read_state_dict, timm_key_to_path, to_flax_layout
 
 pytest.importorskip("torch")  # the .pth files are read with torch.load(weights_only=True)
 
@@ -170,7 +171,7 @@ def test_gradients_float32_batch8_vs_timm():
     torch_ref.randomize_(tm, 5)
     torch_ref.calibrate_bn_(tm, (80, 80), 5)
     model = cga_jax.EfficientViT(cfg, rngs=nnx.Rngs(0))
-    cga_jax.weights.load_timm_state_dict(model, torch_ref.state_dict_np(tm))
+    cga_jax.loading.load_timm_state_dict(model, torch_ref.state_dict_np(tm))
     rs = np.random.RandomState(0)
     x = rs.randn(8, 3, 80, 80).astype(np.float32)
     r = rs.randn(8, 10).astype(np.float32)

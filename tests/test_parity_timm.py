@@ -98,7 +98,7 @@ def test_state_dict_roundtrip_keys():
         for k, v in torch_ref.state_dict_np(tm).items()
         if not k.endswith("num_batches_tracked")
     }
-    back = cga_jax.weights.to_timm_state_dict(jm)
+    back = cga_jax.keymap.to_timm_state_dict(jm)
     assert set(back) == set(ref)
     for k in ref:
         np.testing.assert_array_equal(back[k], ref[k], err_msg=k)

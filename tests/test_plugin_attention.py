@@ -15,8 +15,8 @@ from plugin_helpers import randomize_nnx
 import cga_jax
 from cga_jax.attention import CascadedGroupAttention, LocalWindowAttention, apply_in_windows
 from cga_jax.config import head_kernels
+from cga_jax.loading import load_timm_state_dict
 from cga_jax.resize import resize_attention_biases
-from cga_jax.weights import load_timm_state_dict
 
 
 # ---------------------------------------------------------------------------------------------

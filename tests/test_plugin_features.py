@@ -103,7 +103,7 @@ def test_set_input_size_matches_timm():
         assert [s.blocks[0].mixer.m.attn.resolution for s in tm.stages] == windows
         assert jm.cfg.img_size == size
         ref_sd = torch_ref.state_dict_np(tm)
-        for k, v in cga_jax.weights.to_timm_state_dict(jm).items():
+        for k, v in cga_jax.keymap.to_timm_state_dict(jm).items():
             if k.endswith("attention_biases"):
                 np.testing.assert_allclose(v, ref_sd[k], atol=2e-6, err_msg=k)
         x = np.random.RandomState(size).randn(2, size, size, 3).astype(np.float32)

@@ -112,7 +112,7 @@ def train_grads(model: nn.Module, x_nchw: np.ndarray, r: np.ndarray, dtype=None)
 def timm_and_cga_pair(name: str, seed: int = 0, **kwargs):
     """A randomised, calibrated timm model and a cga_jax model with the same weights, both eval."""
     import cga_jax
-    from cga_jax.weights import load_timm_state_dict
+    from cga_jax.loading import load_timm_state_dict
 
     tm = make_timm(name, seed=seed, **kwargs)
     jm = cga_jax.create_model(name, **kwargs)
