@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import math
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 NO_BOX = (0, 0, 0, 0)
@@ -56,9 +58,6 @@ def erase_np(x: np.ndarray, rng: np.random.Generator, prob: float = 0.25, **kw) 
 def apply_erase(key, x, boxes):
     """On device: x (B, H, W, C) normalised, boxes int32 (B, 4) -> x with each box filled with
     per-pixel N(0, 1) noise (``key``: the step's key)."""
-    import jax
-    import jax.numpy as jnp
-
     _, h, w, _ = x.shape
     top, left, eh, ew = (boxes[:, i, None, None] for i in range(4))
     rows, cols = jnp.arange(h)[None, :, None], jnp.arange(w)[None, None, :]
