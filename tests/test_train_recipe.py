@@ -294,3 +294,20 @@ def test_make_schedule_scales_the_lr_with_the_batch():
         + 0.5 * (optim.lr * 2 - optim.min_lr) * (1 + math.cos(math.pi * 2 / optim.epochs)),
         rel=1e-5,
     )
+
+
+def test_one_normalize_for_training_and_eval():
+    """The train and eval steps normalise with cga_jax.preprocess.normalize (what `cga-jax eval`
+    and predict use): torchvision's ToTensor + Normalize, in float32."""
+    from cga_jax import evaluate, predict, preprocess
+    from cga_jax.training import steps
+
+    assert steps.normalize is preprocess.normalize is evaluate.normalize is predict.normalize
+    x = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1).repeat(3, -1)
+    mean = np.float32([0.485, 0.456, 0.406])
+    std = np.float32([0.229, 0.224, 0.225])
+    want = (x.astype(np.float32) / np.float32(255) - mean) / std
+    np.testing.assert_array_equal(preprocess.normalize(x), want)  # numpy: exact
+    # under jit XLA may turn the divisions into multiplications: within an ulp or so
+    got = np.asarray(jax.jit(preprocess.normalize)(x))
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)

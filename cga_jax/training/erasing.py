@@ -8,8 +8,7 @@ N(0, 1) noise *after* normalisation, i.e. in normalised units.
 The box is drawn on the host, per record, from Grain's record rng (:func:`erase_box`); the batch
 carries it as ``erase`` int32 (B, 4) ``(top, left, height, width)``, height 0 meaning none. The
 noise is drawn on the device inside the jitted step from the step key (:func:`apply_erase`), so
-the uint8 images still travel to the device and the normalisation stays there. :func:`erase_np`
-is the same transform on one normalised host image.
+the uint8 images still travel to the device and the normalisation stays there.
 """
 
 from __future__ import annotations
@@ -45,14 +44,6 @@ def erase_box(
             left = int(rng.integers(0, w - ew + 1))
             return top, left, eh, ew
     return NO_BOX
-
-
-def erase_np(x: np.ndarray, rng: np.random.Generator, prob: float = 0.25, **kw) -> np.ndarray:
-    """Normalised float image (H, W, C) -> a copy with the erased region set to N(0, 1) noise."""
-    top, left, eh, ew = erase_box(rng, x.shape[0], x.shape[1], prob, **kw)
-    x = x.copy()
-    x[top : top + eh, left : left + ew] = rng.standard_normal((eh, ew, x.shape[2]))
-    return x
 
 
 def apply_erase(key, x, boxes):
