@@ -35,7 +35,7 @@ def model_config(
 def build_model(
     spec, *, img_size: int, num_classes: int, distillation: bool, seed: int, new_head: bool
 ) -> EfficientViT:
-    """The model of ``spec`` (in train mode), with ``spec.pretrained``'s weights when given.
+    """The model of ``spec``, with ``spec.pretrained``'s weights when given.
 
     ``num_classes`` and ``distillation`` are the run's (the caller resolves the spec's values
     against the data and ``distill.kind``). ``new_head``: a checkpoint classifier of another size

@@ -100,9 +100,8 @@ def value_problems(cfg) -> list[str]:
             parse_rand_augment(d.randaugment)
         except ValueError as e:
             out.append(f"data.randaugment={d.randaugment!r}: {e}")
-    for path in ("img_size", "batch_size", "eval_batch_size", "log_every", "eval_every"):
-        at_least(path, cfg[path], 1)
-    for path in ("checkpoint_every", "keep_checkpoints"):
+    positive = ("img_size", "batch_size", "eval_batch_size", "log_every", "eval_every")
+    for path in (*positive, "checkpoint_every", "keep_checkpoints"):
         at_least(path, cfg[path], 1)
     at_least("total_steps", cfg.total_steps, 0)
     at_least("data.workers", d.workers, 0)
@@ -125,7 +124,7 @@ def value_problems(cfg) -> list[str]:
     need(0.0 < d.crop_pct <= 1.0, "data.crop_pct", d.crop_pct, "must be in (0, 1]")
     scale = tuple(d.rrc_scale)
     need(
-        len(scale) == 2 and 0.0 < scale[0] <= scale[1] <= 1.0,
+        len(scale) == 2 and _numbers(scale) and 0.0 < scale[0] <= scale[1] <= 1.0,
         "data.rrc_scale",
         d.rrc_scale,
         "must be (low, high) with 0 < low <= high <= 1",
@@ -137,7 +136,7 @@ def value_problems(cfg) -> list[str]:
     at_least("optim.clip_grad", o.clip_grad, 0.0)
     need(o.eps > 0, "optim.eps", o.eps, "must be > 0")
     need(
-        len(o.betas) == 2 and all(0.0 <= b < 1.0 for b in o.betas),
+        len(o.betas) == 2 and _numbers(o.betas) and all(0.0 <= b < 1.0 for b in o.betas),
         "optim.betas",
         o.betas,
         "must be two numbers in [0, 1)",
@@ -156,9 +155,14 @@ def value_problems(cfg) -> list[str]:
     return out
 
 
+def _numbers(values) -> bool:
+    return all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+
+
 def _model_problems(path: str, spec, cfg, distillation: bool) -> list[str]:
-    if spec.num_classes is not None and spec.num_classes < 1:
-        return [f"{path}.num_classes={spec.num_classes!r}: must be >= 1 (None: the data's)"]
+    n = spec.num_classes
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+        return [f"{path}.num_classes={n!r}: must be an int >= 1 (None: the data's)"]
     try:
         model_config(
             spec,
