@@ -2,35 +2,45 @@
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
-# glibc allocator tunables for CPU training (cga_jax/malloc.py: huge pages, no munmap per step)
+# `make demo` installs the core and the `train` extra only (no torch, torchvision, timm);
+# `make test` installs every extra.
+DEMO_STAMP := $(VENV)/.installed-train
+ALL_STAMP := $(VENV)/.installed-all
+# glibc allocator tunables for CPU training (bench/malloc.py: huge pages, no munmap per step)
 CPU_MALLOC := GLIBC_TUNABLES=glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=68719476736
 
 .PHONY: setup demo test test-all lint bench clean
 
-$(STAMP): pyproject.toml
+$(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
+
+$(DEMO_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[train]'
+	touch $@
+
+$(ALL_STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[torch,train,test,bench]'
-	touch $(STAMP)
+	touch $@ $(DEMO_STAMP)
 
-setup: $(STAMP)
+setup: $(ALL_STAMP)
 
-demo: $(STAMP)
+demo: $(DEMO_STAMP)
 	$(CPU_MALLOC) $(BIN)/python -m cga_jax.demo
 
-test: $(STAMP)
+test: $(ALL_STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q -m "not slow" -n 2 --dist loadfile
 
-test-all: $(STAMP)
+test-all: $(ALL_STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
-lint: $(STAMP)
+lint: $(ALL_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-bench: $(STAMP)
+bench: $(ALL_STAMP)
 	$(BIN)/python -m bench.run
 
 clean:

@@ -4,16 +4,21 @@
         --config.data.root=/data/imagenet
 
 Expected (paper, 300 epochs, global batch 2048): top-1 M0 63.2, M1 68.4, M2 70.8, M3 73.4,
-M4 74.3, M5 77.1. ``:m0,runlocal`` is a tiny smoke run on the bundled digits data.
+M4 74.3, M5 77.1. ``:m0,runlocal`` is a tiny smoke run on the bundled digits data. The recipe is
+:func:`cga_jax.training.recipe.imagenet_recipe`.
 """
 
 from __future__ import annotations
 
-from configs.common import imagenet_recipe
+import ml_collections
+
+from cga_jax.training.recipe import imagenet_recipe
 
 
-def get_config(arg: str = "m0"):
+def get_config(arg: str = "m0") -> ml_collections.ConfigDict:
     variant, _, opt = arg.partition(",")
+    if opt not in ("", "runlocal"):
+        raise ValueError(f"configs/efficientvit.py takes 'mN' or 'mN,runlocal', got {arg!r}")
     c = imagenet_recipe()
     c.model.name = f"efficientvit_{variant}"
     if opt == "runlocal":

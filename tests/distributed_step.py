@@ -28,7 +28,7 @@ from jax.sharding import AxisType, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from cga_jax.training import data as data_lib  # noqa: E402
-from cga_jax.training.trainer import make_steps, setup  # noqa: E402
+from cga_jax.training.trainer import setup  # noqa: E402
 from tests.train_helpers import tiny_digits_config  # noqa: E402
 
 
@@ -37,13 +37,9 @@ def main() -> None:
     pid, nproc = jax.process_index(), jax.process_count()
     cfg = tiny_digits_config(**{"aug.mixup": 0.8, "aug.cutmix": 1.0, "optim.lr": 0.08})
     mesh = jax.make_mesh((2,), ("data",), axis_types=(AxisType.Auto,))
-    repl, dsh = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    gd, egd, rest, tx, sched, state = setup(cfg, 10, steps_per_epoch=40)
-    step, _ = make_steps(cfg, gd, egd, rest, tx, sched, 10)
-    state = jax.device_put(state, repl)
-    f = jax.jit(
-        step, donate_argnums=(0,), out_shardings=(jax.tree.map(lambda _: repl, state), repl)
-    )
+    dsh = NamedSharding(mesh, P("data"))
+    program, state = setup(cfg, num_classes=10, steps_per_epoch=40, mesh=mesh)
+    f = program.train_step  # jitted, the state donated and replicated
 
     src = data_lib.DigitsSource("train", size=32)
     local = cfg.batch_size // nproc

@@ -14,20 +14,28 @@ from jax.sharding import PartitionSpec as P
 
 sys.path.insert(0, sys.argv[1])
 from cga_jax.training import data as data_lib  # noqa: E402
-from cga_jax.training.trainer import make_steps, setup  # noqa: E402
+from cga_jax.training.steps import make_train_step  # noqa: E402
+from cga_jax.training.trainer import initial_state, setup  # noqa: E402
 from tests.train_helpers import tiny_digits_config  # noqa: E402
 
 
 def run(devices, cfg, batches):
     mesh = jax.make_mesh((len(devices),), ("data",), devices=devices, axis_types=(AxisType.Auto,))
     repl, dsh = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    gd, egd, rest, tx, sched, state = setup(cfg, 10, steps_per_epoch=40)
+    program, state = setup(cfg, num_classes=10, steps_per_epoch=40, mesh=mesh)
     # Plain SGD so that the parameter change is lr * gradient: Adam's first update is
     # ~lr * sign(g), which turns reduction noise on gradients that are 0 in exact arithmetic into
     # +-lr and hides what this test checks (the step's loss, gradients and BN statistics).
     tx = optax.sgd(1.0)
-    state["opt_state"] = tx.init(state["params"])
-    step, _ = make_steps(cfg, gd, egd, rest, tx, sched, 10)
+    state = initial_state(state["params"], state["batch_stats"], tx, cfg.seed)
+    step = make_train_step(
+        cfg,
+        graphdef=program.graphdef,
+        rest=program.rest,
+        tx=tx,
+        schedule=program.schedule,
+        num_classes=10,
+    )
     state = jax.device_put(state, repl)
     f = jax.jit(step, out_shardings=(jax.tree.map(lambda _: repl, state), repl))
     for b in batches:
@@ -53,7 +61,8 @@ def main():
         )
     s8, m8 = run(jax.devices()[:8], cfg, batches[:1])
     s1, m1 = run(jax.devices()[:1], cfg, batches[:1])
-    p0 = setup(cfg, 10, 40)[-1]["params"]
+    mesh1 = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1], axis_types=(AxisType.Auto,))
+    p0 = jax.device_get(setup(cfg, num_classes=10, steps_per_epoch=40, mesh=mesh1)[1]["params"])
 
     def rel(a, b):
         a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)

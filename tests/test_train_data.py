@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from cga_jax.training import data as data_lib
+from cga_jax.training.recipe import digits
 
 
 @pytest.fixture
@@ -36,11 +37,9 @@ def test_bad_images_converted_or_skipped(folder):
 
 
 def test_train_loader_keeps_going_and_counts(folder):
-    import ml_collections
-
-    cfg = ml_collections.ConfigDict(
-        dict(img_size=16, batch_size=6, data=dict(aug="rrc_flip", workers=0, hflip=0.5))
-    )
+    cfg = digits()
+    cfg.img_size, cfg.batch_size = 16, 6
+    cfg.data.update(aug="rrc_flip", hflip=0.5)
     loader = data_lib.train_loader(cfg, data_lib.FolderSource(folder), 0, 1, seed=0)
     it = iter(loader)
     batches = [next(it) for _ in range(3)]  # 3 epochs of 6 images
@@ -56,9 +55,8 @@ def test_train_loader_keeps_going_and_counts(folder):
 
 
 def test_eval_covers_every_image_once():
-    import ml_collections
-
-    cfg = ml_collections.ConfigDict(dict(img_size=16, eval_batch_size=8, data=dict(workers=0)))
+    cfg = digits()
+    cfg.img_size, cfg.eval_batch_size = 16, 8
     src = data_lib.DigitsSource("val", size=16, val_size=37)
     seen = []
     for pid in range(2):

@@ -105,17 +105,15 @@ def test_eval_output_is_the_mean_of_both_heads():
 def test_short_run_with_a_teacher(tmp_path, kind="soft"):
     """A few steps on digits with every recipe augmentation on and a (random) tiny teacher (the
     loss kinds differ only in the unit-tested loss)."""
-    import ml_collections
-
     from cga_jax.training.logger import read_log
     from cga_jax.training.trainer import train_and_evaluate
 
     cfg = tiny_digits_config(
         **{"total_steps": 3, "log_every": 1, "eval_every": 3, "checkpoint_every": 3}
     )
-    cfg.distill = ml_collections.ConfigDict(
-        dict(kind=kind, teacher=dict(TINY_MODEL), teacher_pretrained="", alpha=0.5, tau=1.0)
-    )
+    cfg.distill.kind = kind
+    cfg.distill.teacher.name = "efficientvit_m0"
+    cfg.distill.teacher.update(TINY_MODEL)
     cfg.data.update(randaugment="rand-m9-mstd0.5-inc1", reprob=0.25, repeated_aug=3)
     with pytest.warns(UserWarning, match="teacher is random"):
         res = train_and_evaluate(cfg, str(tmp_path))

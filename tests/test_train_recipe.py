@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from train_helpers import TINY_MODEL
+from train_helpers import TINY_MODEL, tiny_digits_config
 
 from cga_jax import EfficientViT, EfficientViTConfig
 from cga_jax.training.mixup import mix_batch, smooth_one_hot, soft_cross_entropy
@@ -20,12 +20,12 @@ from cga_jax.training.optim import (
     ema_init,
     ema_update,
     leaf_name,
-    lr_for_batch,
     make_optimizer,
 )
-from cga_jax.training.schedule import cosine_with_warmup
+from cga_jax.training.recipe import digits
+from cga_jax.training.schedule import cosine_with_warmup, lr_for_batch, make_schedule
 
-TINY = EfficientViTConfig(img_size=32, **TINY_MODEL)
+TINY = EfficientViTConfig(img_size=32, num_classes=10, **TINY_MODEL)
 
 
 def tiny_params():
@@ -132,7 +132,7 @@ def test_plain_optax_agc_differs_on_attention_biases():
 # ---- weight decay mask -------------------------------------------------------------------------
 def test_weight_decay_mask():
     params = tiny_params()
-    mask = decay_mask(params)
+    mask = decay_mask(params, EfficientViT(TINY, rngs=nnx.Rngs(0)).no_weight_decay())
     by_name: dict[str, set] = {}
     for path, m in jax.tree_util.tree_flatten_with_path(mask)[0]:
         by_name.setdefault(leaf_name(path), set()).add(bool(m))
@@ -145,16 +145,12 @@ def test_weight_decay_mask():
 
 
 def test_adamw_decays_only_masked_leaves():
-    import ml_collections
-
-    cfg = ml_collections.ConfigDict(
-        dict(
-            batch_size=512,
-            optim=dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.5, clip_grad=0.0),
-        )
-    )
+    optim = digits().optim
+    optim.weight_decay, optim.clip_grad = 0.5, 0.0
     params = jax.tree.map(lambda x: np.asarray(x) + 1.0, tiny_params())
-    tx = make_optimizer(cfg, params, lambda _: 0.1)
+    tx = make_optimizer(
+        optim, params=params, schedule=lambda _: 0.1, no_weight_decay=("attention_biases",)
+    )
     zeros = jax.tree.map(np.zeros_like, params)
     upd, _ = jax.jit(tx.update)(zeros, tx.init(params), params)
     for (path, u), p in zip(
@@ -171,10 +167,10 @@ def test_ema_update():
     st = ema_init(a)
     np.testing.assert_array_equal(st.ema["w"], a["w"])  # starts from the model, not zeros
     b = {"w": jnp.array([3.0, -2.0]), "s": jnp.array([0.0])}
-    new, st = ema_update(0.9, b, st)
+    st = ema_update(0.9, b, st)
     np.testing.assert_allclose(st.ema["w"], 0.9 * a["w"] + 0.1 * b["w"], rtol=1e-6)
     np.testing.assert_allclose(st.ema["s"], [3.6], rtol=1e-6)
-    new, st = ema_update(0.9, b, st)
+    st = ema_update(0.9, b, st)
     np.testing.assert_allclose(st.ema["s"], [3.24], rtol=1e-6)
 
 
@@ -225,3 +221,93 @@ def test_switch_prob_uses_both():
         x, xm, _ = _mix(seed, 0.8, 1.0)
         kinds.add("cutmix" if set(np.unique(xm[0])) <= {0.0, 5.0} else "mixup")
     assert kinds == {"cutmix", "mixup"}
+
+
+# ---- the schedule against timm's scheduler stepped as the official loop steps it ------------------
+@pytest.mark.torch
+def test_schedule_relation_to_the_official_per_epoch_loop():
+    """What cga_jax/training/schedule.py states: timm's per-update mode gives this schedule's
+    values; the official loop (``lr_scheduler.step(epoch)`` after each epoch) runs epoch E at the
+    value used here at the first update of epoch max(E - 1, 0)."""
+    torch = pytest.importorskip("torch")
+    from timm.scheduler.cosine_lr import CosineLRScheduler
+
+    spe, epochs, warm, base, warm_lr, min_lr = 5, 12, 3, 4e-3, 1e-6, 1e-5
+    ours = cosine_with_warmup(base, spe, epochs, warm, warm_lr, min_lr)
+
+    def optimizer():
+        return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=base)
+
+    kw = dict(lr_min=min_lr, warmup_lr_init=warm_lr)
+    opt = optimizer()  # the official loop: timm per-epoch, step(epoch) after the epoch
+    sched = CosineLRScheduler(opt, t_initial=epochs, warmup_t=warm, **kw)
+    for epoch in range(epochs):
+        for k in range(spe):
+            want = float(ours(max(epoch - 1, 0) * spe))
+            assert opt.param_groups[0]["lr"] == pytest.approx(want, rel=1e-5), (epoch, k)
+        sched.step(epoch)
+    # ... so within an epoch E >= 1 this schedule is ahead by 1 to 2 epochs
+    assert (
+        float(ours(6 * spe))
+        < float(ours(5 * spe))
+        == pytest.approx(
+            CosineLRScheduler(optimizer(), t_initial=epochs, warmup_t=warm, **kw)._get_lr(5)[0]
+        )
+    )
+    opt = optimizer()  # timm per-update (--sched-on-updates): step_update after every update
+    sched = CosineLRScheduler(
+        opt, t_initial=epochs * spe, warmup_t=warm * spe, t_in_epochs=False, **kw
+    )
+    for step in range(epochs * spe + spe):
+        assert opt.param_groups[0]["lr"] == pytest.approx(float(ours(step)), rel=1e-5), step
+        sched.step_update(step + 1)
+
+
+# ---- the trainer's optimizer takes the decay mask from the model ---------------------------------
+@pytest.mark.parametrize("no_decay", [("attention_biases",), ()])
+def test_weight_decay_follows_the_models_no_weight_decay(monkeypatch, no_decay):
+    from jax.sharding import AxisType
+
+    from cga_jax.training.trainer import setup
+
+    monkeypatch.setattr(EfficientViT, "no_weight_decay", lambda self: no_decay)
+    cfg = tiny_digits_config(**{"optim.weight_decay": 0.5, "optim.clip_grad": 0.0})
+    mesh = jax.make_mesh((1,), ("data",), axis_types=(AxisType.Auto,))
+    program, state = setup(cfg, num_classes=10, steps_per_epoch=10, mesh=mesh)
+    params = jax.tree.map(lambda x: np.asarray(x) + 1.0, state["params"])
+    zeros = jax.tree.map(np.zeros_like, params)
+    upd, _ = jax.jit(program.tx.update)(zeros, program.tx.init(params), params)
+    decayed = {
+        leaf_name(path)
+        for path, u in jax.tree_util.tree_flatten_with_path(upd)[0]
+        if np.any(np.asarray(u) != 0)
+    }
+    assert decayed == {"kernel"} | ({"attention_biases"} - set(no_decay))
+
+
+def test_make_schedule_scales_the_lr_with_the_batch():
+    optim = digits().optim
+    s = make_schedule(optim, batch_size=1024, steps_per_epoch=10)
+    t = optim.warmup_epochs * 10
+    assert float(s(int(t))) == pytest.approx(
+        optim.min_lr
+        + 0.5 * (optim.lr * 2 - optim.min_lr) * (1 + math.cos(math.pi * 2 / optim.epochs)),
+        rel=1e-5,
+    )
+
+
+def test_one_normalize_for_training_and_eval():
+    """The train and eval steps normalise with cga_jax.preprocess.normalize (what `cga-jax eval`
+    and predict use): torchvision's ToTensor + Normalize, in float32."""
+    from cga_jax import evaluate, predict, preprocess
+    from cga_jax.training import steps
+
+    assert steps.normalize is preprocess.normalize is evaluate.normalize is predict.normalize
+    x = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1).repeat(3, -1)
+    mean = np.float32([0.485, 0.456, 0.406])
+    std = np.float32([0.229, 0.224, 0.225])
+    want = (x.astype(np.float32) / np.float32(255) - mean) / std
+    np.testing.assert_array_equal(preprocess.normalize(x), want)  # numpy: exact
+    # under jit XLA may turn the divisions into multiplications: within an ulp or so
+    got = np.asarray(jax.jit(preprocess.normalize)(x))
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import collections
 
 import grain.python as grain
-import ml_collections
 import numpy as np
 import pytest
 
 from cga_jax.training import data as data_lib
+from cga_jax.training.recipe import digits
 from cga_jax.training.sampler import RepeatAugSampler
 
 
@@ -54,13 +54,9 @@ def test_epoch_multiset_and_repeats():
 
 
 def _loader(src, pid, procs, repeats=3, batch=6):
-    cfg = ml_collections.ConfigDict(
-        dict(
-            img_size=8,
-            batch_size=batch * procs,
-            data=dict(aug="rrc_flip", workers=0, repeated_aug=repeats, reprob=0.25),
-        )
-    )
+    cfg = digits()  # crop, flip, random erasing; no RandAugment
+    cfg.img_size, cfg.batch_size = 8, batch * procs
+    cfg.data.update(aug="rrc_flip", repeated_aug=repeats, reprob=0.25)
     return data_lib.train_loader(cfg, src, pid, procs, seed=1)
 
 

@@ -1,7 +1,7 @@
 """Orbax checkpoints of the whole run: train state pytree + Grain iterator state + metadata.
 
-Async saves, ``keep`` latest steps (``CheckpointManager``), plus a separate ``best/`` manager that
-holds the best-accuracy step. Orbax writes into a temporary directory and renames it when
+:class:`Checkpoints` holds a run's two managers: async saves of the ``keep`` latest steps in
+``workdir/checkpoints`` and the best-accuracy step in ``workdir/best``. Orbax writes into a temporary directory and renames it when
 complete, so a kill during a write leaves the previous step as the latest restorable one.
 
 The data iterator state is per process (each reads its own shard): Grain's Orbax handler writes
@@ -75,3 +75,39 @@ def restore(mngr: ocp.CheckpointManager, step: int, like_state):
         )
     out = mngr.restore(step, args=ocp.args.Composite(**args))
     return out["state"], holder.state, out["meta"]
+
+
+class Checkpoints:
+    """A run's checkpoints: the latest ``keep`` steps (``checkpoints/``, with the data-iterator
+    state and ``{"step", "best"}``) and the step of the best validation top-1 (``best/``)."""
+
+    def __init__(self, workdir: str, keep: int):
+        self.latest = make_manager(os.path.join(workdir, "checkpoints"), keep)
+        self.best = make_manager(os.path.join(workdir, "best"), 1, name="best")
+
+    @property
+    def directory(self) -> str:
+        return str(self.latest.directory)
+
+    def latest_step(self) -> int | None:
+        return self.latest.latest_step()
+
+    def restore_latest(self, like_state):
+        """-> (state, data-iterator state bytes or None, step, best top-1) of the latest
+        checkpoint, or None when there is none."""
+        step = self.latest.latest_step()
+        if step is None:
+            return None
+        state, data_state, meta = restore(self.latest, step, like_state)
+        return state, data_state, int(meta["step"]), float(meta["best"])
+
+    def save(self, step: int, state, data_state: bytes, best: float) -> None:
+        save(self.latest, step, state, data_state, {"step": step, "best": best})
+
+    def save_best(self, step: int, state, top1: float) -> None:
+        save(self.best, step, state, None, {"step": step, "val_top1": top1})
+
+    def wait(self) -> None:
+        """Block until every async save has been committed."""
+        self.latest.wait_until_finished()
+        self.best.wait_until_finished()

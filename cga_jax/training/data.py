@@ -8,8 +8,9 @@ and batch shapes stay fixed. Grayscale, palette and CMYK files are converted to 
 Training: ``grain.DataLoader`` with an ``IndexSampler`` (shuffled, endless, sharded by JAX
 process), or :class:`~cga_jax.training.sampler.RepeatAugSampler` for repeated augmentation -- its
 iterator state (a few bytes) is checkpointed, so a resumed run sees the same batches. Augmentation
-(crop, flip, RandAugment, the random-erasing box) draws only from Grain's per-record rng. Evaluation: every image exactly once; each process takes ``i % num_processes == pid`` and
-the last batch is padded with ``valid=0`` records (the same number of batches on every process).
+(crop, flip, RandAugment, the random-erasing box) draws only from Grain's per-record rng.
+Evaluation: every image exactly once; each process takes ``i % num_processes == pid`` and the last
+batch is padded with ``valid=0`` records (the same number of batches on every process).
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ from cga_jax.preprocess import decode_image, eval_preprocess, list_image_folder
 from cga_jax.training.erasing import erase_box
 from cga_jax.training.randaugment import RandAugment
 from cga_jax.training.sampler import RepeatAugSampler
+from cga_jax.training.tar_source import TarSource
 
-MEAN = np.array([0.485, 0.456, 0.406], np.float32) * 255
-STD = np.array([0.229, 0.224, 0.225], np.float32) * 255
+SOURCES = ("folder", "tar", "digits")  # data.name
+AUG_MODES = ("rrc_flip", "none")  # data.aug: random-resized-crop + flip, or resize only
 
 
 # ---- sources ---------------------------------------------------------------------------------
@@ -169,15 +171,13 @@ class EvalTransform(grain.MapTransform):
 
 # ---- loaders ---------------------------------------------------------------------------------
 def make_source(cfg, split: str):
+    """The ``split`` ("train" or "val") source of ``cfg.data``: the digits, a tar source
+    (``data.name="tar"`` or a ``<split>_dir`` ending in ``.tar``) or a class-folder source."""
     d = cfg.data
     if d.name == "digits":
-        return DigitsSource(
-            split, size=d.get("source_size", cfg.img_size), seed=d.get("split_seed", 0)
-        )
-    path = os.path.join(d.root, d.get(f"{split}_dir", split))
+        return DigitsSource(split, size=cfg.img_size, seed=d.split_seed)
+    path = os.path.join(d.root, d.train_dir if split == "train" else d.val_dir)
     if d.name == "tar" or path.endswith(".tar"):
-        from cga_jax.training.tar_source import TarSource
-
         return TarSource(path)
     return FolderSource(path)
 
@@ -185,27 +185,25 @@ def make_source(cfg, split: str):
 def train_loader(cfg, source, process_index: int, process_count: int, seed: int):
     """Endless shuffled loader of per-process batches of ``batch_size // process_count``.
 
-    ``data.randaugment`` (a ``rand-...`` string, "" for none), ``data.reprob`` (random erasing)
-    and ``data.repeated_aug`` (> 1: :class:`RepeatAugSampler`) follow timm / DeiT."""
+    ``data.aug`` (crop and flip), ``data.randaugment`` (a ``rand-...`` string, "" for none),
+    ``data.reprob`` (random erasing) and ``data.repeated_aug`` (> 1: :class:`RepeatAugSampler`)
+    follow timm / DeiT."""
     local_batch = cfg.batch_size // process_count
     d = cfg.data
-    scale = None if d.get("aug", "rrc_flip") == "none" else tuple(d.get("rrc_scale", (0.08, 1.0)))
-    flip = 0.0 if scale is None else d.get("hflip", 0.5)
+    scale = None if d.aug == "none" else tuple(d.rrc_scale)
+    flip = 0.0 if scale is None else d.hflip
     shard = grain.ShardOptions(process_index, process_count, drop_remainder=True)
-    if d.get("repeated_aug", 1) > 1:
+    if d.repeated_aug > 1:
         sampler = RepeatAugSampler(len(source), shard, repeats=d.repeated_aug, seed=seed)
     else:
         sampler = grain.IndexSampler(
             num_records=len(source), shard_options=shard, shuffle=True, num_epochs=None, seed=seed
         )
-    spec = d.get("randaugment", "")
-    ra = RandAugment(spec, interpolation=d.get("interpolation", "bicubic")) if spec else None
-    aug = TrainAugment(
-        cfg.img_size, scale=scale, flip=flip, randaugment=ra, reprob=d.get("reprob", 0.0)
-    )
+    ra = RandAugment(d.randaugment, interpolation=d.interpolation) if d.randaugment else None
+    aug = TrainAugment(cfg.img_size, scale=scale, flip=flip, randaugment=ra, reprob=d.reprob)
     ops = [Decode(), aug, grain.Batch(local_batch, drop_remainder=True)]
     return grain.DataLoader(
-        data_source=source, sampler=sampler, operations=ops, worker_count=d.get("workers", 0)
+        data_source=source, sampler=sampler, operations=ops, worker_count=d.workers
     )
 
 
@@ -214,7 +212,7 @@ def eval_batches(cfg, source, process_index: int, process_count: int):
     local_batch = cfg.eval_batch_size // process_count
     n = len(source)
     num_batches = math.ceil(n / (local_batch * process_count))
-    tf = EvalTransform(cfg.img_size, cfg.data.get("crop_pct", 0.875))
+    tf = EvalTransform(cfg.img_size, cfg.data.crop_pct)
     decode = Decode()
     ds = grain.MapDataset.range(num_batches * local_batch * process_count)
     ds = ds[process_index::process_count]
@@ -229,15 +227,7 @@ def eval_batches(cfg, source, process_index: int, process_count: int):
         }
 
     ds = ds.map(load).batch(local_batch, drop_remainder=True)
-    workers = cfg.data.get("workers", 0)
     it = ds.to_iter_dataset()
-    if workers:
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    if cfg.data.workers:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.data.workers))
     yield from it
-
-
-def normalize(images):
-    """uint8 (B, H, W, 3) -> float32 normalised with the ImageNet mean/std (on device)."""
-    import jax.numpy as jnp
-
-    return (images.astype(jnp.float32) - MEAN) / STD

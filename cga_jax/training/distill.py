@@ -16,6 +16,7 @@ Records with ``valid=0`` (unreadable files) are left out of every mean.
 from __future__ import annotations
 
 import warnings
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +24,7 @@ import optax
 from flax import nnx
 
 from cga_jax.training.mixup import soft_cross_entropy
+from cga_jax.training.models import build_model
 
 KINDS = ("none", "soft", "hard")
 
@@ -64,36 +66,31 @@ def distillation_loss(
     return base * (1.0 - alpha) + dist * alpha
 
 
-def build_teacher(cfg, num_classes: int):
-    """-> (graphdef, (params, rest)) of the eval-mode teacher, or None when ``distill.kind`` is "none".
+class Teacher(NamedTuple):
+    graphdef: nnx.GraphDef  # the teacher in eval mode
+    state: tuple  # (params, rest): a replicated, non-donated argument of the train step
 
-    ``distill.teacher``: a :func:`cga_jax.create_model` name, or a dict of
-    :class:`~cga_jax.EfficientViTConfig` fields; ``distill.teacher_pretrained``: its weights
-    (strict load: the classifier must have ``num_classes`` outputs). No weights is allowed (tests)
-    but warns: a random teacher only adds noise."""
-    dc = cfg.get("distill")
-    if dc is None or dc.get("kind", "none") == "none":
+
+def build_teacher(cfg, *, num_classes: int) -> Teacher | None:
+    """The eval-mode teacher of ``cfg.distill``, or None when ``distill.kind`` is "none".
+
+    ``distill.teacher`` is a model spec like ``cfg.model``, built by the same builder
+    (:func:`~cga_jax.training.models.build_model`) with the student's ``num_classes``; its
+    ``pretrained`` weights load strictly. No weights is allowed (tests) but warns: a random
+    teacher only adds noise."""
+    dc = cfg.distill
+    if dc.kind == "none":
         return None
-    if dc.kind not in KINDS:
-        raise ValueError(f"distill.kind must be one of {KINDS}, got {dc.kind!r}")
-    if not dc.get("teacher"):
-        raise ValueError(f"distill.kind={dc.kind!r} needs distill.teacher (a model name)")
-    from cga_jax import EfficientViT, EfficientViTConfig, create_model
-    from cga_jax.loading import load_pretrained
-
-    rngs = nnx.Rngs(cfg.seed + 1)
-    if isinstance(dc.teacher, str):
-        kw = dict(num_classes=num_classes, img_size=cfg.img_size, rngs=rngs)
-        teacher = create_model(dc.teacher, **kw)
-    else:
-        fields = dict(dc.teacher, num_classes=num_classes, img_size=cfg.img_size)
-        teacher = EfficientViT(EfficientViTConfig(**fields), rngs=rngs)
-    path = dc.get("teacher_pretrained", "")
-    if path:
-        for note in load_pretrained(teacher, path):
-            warnings.warn(note, stacklevel=2)
-    else:
-        warnings.warn("distill.teacher_pretrained is empty: the teacher is random", stacklevel=2)
+    if not dc.teacher.pretrained:
+        warnings.warn("distill.teacher.pretrained is empty: the teacher is random", stacklevel=2)
+    teacher = build_model(
+        dc.teacher,
+        img_size=cfg.img_size,
+        num_classes=num_classes,
+        distillation=dc.teacher.distillation,
+        seed=cfg.seed + 1,
+        new_head=False,
+    )
     teacher.eval()
     graphdef, params, rest = nnx.split(teacher, nnx.Param, ...)
-    return graphdef, (params, rest)
+    return Teacher(graphdef, (params, rest))

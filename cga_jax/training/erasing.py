@@ -8,14 +8,15 @@ N(0, 1) noise *after* normalisation, i.e. in normalised units.
 The box is drawn on the host, per record, from Grain's record rng (:func:`erase_box`); the batch
 carries it as ``erase`` int32 (B, 4) ``(top, left, height, width)``, height 0 meaning none. The
 noise is drawn on the device inside the jitted step from the step key (:func:`apply_erase`), so
-the uint8 images still travel to the device and the normalisation stays there. :func:`erase_np`
-is the same transform on one normalised host image.
+the uint8 images still travel to the device and the normalisation stays there.
 """
 
 from __future__ import annotations
 
 import math
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 NO_BOX = (0, 0, 0, 0)
@@ -45,20 +46,9 @@ def erase_box(
     return NO_BOX
 
 
-def erase_np(x: np.ndarray, rng: np.random.Generator, prob: float = 0.25, **kw) -> np.ndarray:
-    """Normalised float image (H, W, C) -> a copy with the erased region set to N(0, 1) noise."""
-    top, left, eh, ew = erase_box(rng, x.shape[0], x.shape[1], prob, **kw)
-    x = x.copy()
-    x[top : top + eh, left : left + ew] = rng.standard_normal((eh, ew, x.shape[2]))
-    return x
-
-
 def apply_erase(key, x, boxes):
     """On device: x (B, H, W, C) normalised, boxes int32 (B, 4) -> x with each box filled with
     per-pixel N(0, 1) noise (``key``: the step's key)."""
-    import jax
-    import jax.numpy as jnp
-
     _, h, w, _ = x.shape
     top, left, eh, ew = (boxes[:, i, None, None] for i in range(4))
     rows, cols = jnp.arange(h)[None, :, None], jnp.arange(w)[None, None, :]

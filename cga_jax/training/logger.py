@@ -1,9 +1,12 @@
-"""Process-0 logging: JSONL, tensorboardX scalars, and a PNG of the curves at the end."""
+"""Process-0 output: JSONL and tensorboardX scalars, the tqdm bar, a PNG of the curves at the end."""
 
 from __future__ import annotations
 
 import json
 import os
+import time
+
+from tqdm import tqdm
 
 
 class Logger:
@@ -33,6 +36,40 @@ class Logger:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+class Progress:
+    """A tqdm bar over the run's steps (only where ``enabled``) showing the last logged loss,
+    the images/s since the previous report and the share of that time spent waiting for input."""
+
+    def __init__(self, enabled: bool, total: int, initial: int, batch_size: int):
+        self.bar = None
+        if enabled:
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+        self.batch_size = batch_size
+        self._time, self._step, self._wait = time.perf_counter(), initial, 0.0
+
+    def advance(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def report(self, step: int, loss: float, input_wait_s: float) -> None:
+        """``input_wait_s``: the run's total time waiting for batches so far."""
+        now = time.perf_counter()
+        dt = max(now - self._time, 1e-9)
+        ips = (step - self._step) * self.batch_size / dt
+        wait = (input_wait_s - self._wait) / dt
+        self._time, self._step, self._wait = now, step, input_wait_s
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{ips:.0f}", wait=f"{wait:.0%}")
+
+    def write(self, message: str) -> None:
+        if self.bar is not None:
+            self.bar.write(message)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def read_log(path: str) -> list[dict]:

@@ -1,19 +1,17 @@
 """Optimiser of the official recipe: AGC (unit-wise, timm definition) -> AdamW with a decay mask.
 
-Weight decay is applied, as in timm's ``param_groups_weight_decay`` with the model's
-``no_weight_decay()`` names, to every parameter with more than one dimension except the attention
-biases: no decay on biases, BN scales/biases and ``attention_biases``.
+Weight decay follows timm's ``param_groups_weight_decay``: every parameter with more than one
+dimension decays, except biases and the leaves the model's ``no_weight_decay()`` names (for
+EfficientViT, ``attention_biases``); BN scales and biases are vectors and do not decay.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Iterable
 
 import jax
 import jax.numpy as jnp
 import optax
-
-from cga_jax.training.schedule import cosine_with_warmup
 
 
 def leaf_name(path) -> str:
@@ -23,17 +21,14 @@ def leaf_name(path) -> str:
     return names[-1] if names else ""
 
 
-def path_str(path) -> str:
-    names = [getattr(k, "key", getattr(k, "idx", None)) for k in path]
-    return ".".join(str(n) for n in names if n is not None)
-
-
-def decay_mask(params, no_decay: tuple[str, ...] = ("attention_biases",)):
-    """Pytree of bools (same structure as ``params``): True where weight decay applies."""
+def decay_mask(params, no_weight_decay: Iterable[str]):
+    """Pytree of bools (same structure as ``params``): True where weight decay applies.
+    ``no_weight_decay``: leaf names kept out (the model's ``no_weight_decay()``)."""
+    skip = frozenset(no_weight_decay)
 
     def f(path, x):
         name = leaf_name(path)
-        return bool(x.ndim > 1 and name != "bias" and name not in no_decay)
+        return bool(x.ndim > 1 and name != "bias" and name not in skip)
 
     return jax.tree_util.tree_map_with_path(f, params)
 
@@ -78,36 +73,22 @@ def adaptive_grad_clip(clipping: float, eps: float = 1e-3) -> optax.GradientTran
     return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
-def make_schedule(cfg, steps_per_epoch: int) -> optax.Schedule:
-    o = cfg.optim
-    return cosine_with_warmup(
-        base_lr=lr_for_batch(o.lr, cfg.batch_size),
-        steps_per_epoch=steps_per_epoch,
-        epochs=o.epochs,
-        warmup_epochs=o.warmup_epochs,
-        warmup_lr=o.warmup_lr,
-        min_lr=o.min_lr,
-    )
-
-
-def lr_for_batch(lr: float, global_batch: int) -> float:
-    """The official linear scaling: ``lr * global_batch / 512``."""
-    return lr * global_batch / 512
-
-
-def make_optimizer(cfg, params, schedule: Callable) -> optax.GradientTransformation:
-    o = cfg.optim
+def make_optimizer(
+    optim, *, params, schedule: optax.Schedule, no_weight_decay: Iterable[str]
+) -> optax.GradientTransformation:
+    """AGC (``optim.clip_grad``; 0 for none) then AdamW with the learning rate ``schedule`` and
+    :func:`decay_mask` of ``params`` (``optim``: ``cfg.optim``)."""
     parts = []
-    if o.clip_grad:
-        parts.append(adaptive_grad_clip(o.clip_grad))
+    if optim.clip_grad:
+        parts.append(adaptive_grad_clip(optim.clip_grad))
     parts.append(
         optax.adamw(
             schedule,
-            b1=o.betas[0],
-            b2=o.betas[1],
-            eps=o.eps,
-            weight_decay=o.weight_decay,
-            mask=decay_mask(params),
+            b1=optim.betas[0],
+            b2=optim.betas[1],
+            eps=optim.eps,
+            weight_decay=optim.weight_decay,
+            mask=decay_mask(params, no_weight_decay),
         )
     )
     return optax.chain(*parts)
@@ -119,7 +100,6 @@ def ema_init(tree) -> optax.EmaState:
     return state._replace(ema=jax.tree.map(lambda x: x.copy(), tree))
 
 
-def ema_update(decay: float, tree, state: optax.EmaState):
+def ema_update(decay: float, tree, state: optax.EmaState) -> optax.EmaState:
     """``ema = decay * ema + (1 - decay) * tree`` over parameters and BN statistics."""
-    new, state = optax.ema(decay, debias=False).update(tree, state)
-    return new, state
+    return optax.ema(decay, debias=False).update(tree, state)[1]

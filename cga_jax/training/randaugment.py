@@ -23,8 +23,10 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
+from cga_jax.preprocess import IMAGENET_MEAN
+
 LEVEL_DENOM = 10.0  # magnitude M maps to level M / 10
-FILL = (124, 116, 104)  # round(255 * ImageNet mean)
+FILL = tuple(round(255 * m) for m in IMAGENET_MEAN)  # the mean pixel, (124, 116, 104)
 INCREASING_OPS = (
     "AutoContrast",
     "Equalize",
@@ -46,6 +48,7 @@ ORIGINAL_OPS = tuple(
     n.replace("Increasing", "") for n in INCREASING_OPS
 )  # timm's default ("inc0") set
 RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+INTERPOLATIONS = (*RESAMPLE, "random")  # "random": one of RESAMPLE per op (timm's default)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,7 +204,7 @@ class RandAugment:
         translate_pct: float = 0.45,
     ):
         self.cfg = parse_rand_augment(cfg) if isinstance(cfg, str) else cfg
-        if interpolation not in (*RESAMPLE, "random"):
+        if interpolation not in INTERPOLATIONS:
             raise ValueError(f"interpolation must be bilinear, bicubic or random: {interpolation}")
         self.fill, self.interpolation, self.translate_pct = fill, interpolation, translate_pct
 

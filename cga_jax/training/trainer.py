@@ -1,283 +1,301 @@
 """The trainer: one mesh over all devices, data parallel, a pure jitted step, exact resume.
 
-State is a plain pytree ``{"params", "batch_stats", "opt_state", "ema", "step", "rng"}``
-(replicated); the model graph is split once and merged inside the jitted step. Batches are
-per-process numpy arrays turned into global arrays sharded over the ``data`` axis, so BN
-statistics cover the global batch. Step randomness (mixup/cutmix) is ``fold_in(rng, step)`` and the
-Grain iterator state is checkpointed, so a resumed run repeats an uninterrupted one step for step,
-bit for bit on CPU (``tests/test_train_run.py``: kill -9, kill during a checkpoint write, SIGTERM).
+:func:`train_and_evaluate` reads top to bottom: check the config, build the data sources, the
+:class:`Program` (model graphs, optimiser, schedule, jitted steps) and the initial state, resume
+from the latest checkpoint, then per step: fetch a batch, train, log (stopping on a non-finite
+loss), evaluate, checkpoint, and stop after a save when SIGTERM came.
+
+The state is a plain pytree ``{"params", "batch_stats", "opt_state", "ema", "step", "rng"}``,
+replicated over the mesh. Batches are per-process numpy arrays turned into global arrays sharded
+over the ``data`` axis, so BN statistics cover the global batch. Step randomness is
+``fold_in(rng, step)`` and the Grain iterator state is checkpointed, so a resumed run repeats an
+uninterrupted one step for step, bit for bit on CPU (``tests/test_train_run.py``: kill -9, kill
+during a checkpoint write, SIGTERM).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 import signal
+import threading
 import time
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import AxisType, NamedSharding
+from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cga_jax.training import checkpoint as ckpt
 from cga_jax.training import data as data_lib
-from cga_jax.training.distill import build_teacher, distillation_loss
-from cga_jax.training.erasing import apply_erase
-from cga_jax.training.logger import Logger, plot_curves
-from cga_jax.training.mixup import mix_batch, smooth_one_hot
-from cga_jax.training.optim import ema_init, ema_update, make_optimizer, make_schedule
+from cga_jax.training.checkpoint import Checkpoints
+from cga_jax.training.distill import build_teacher
+from cga_jax.training.logger import Logger, Progress, plot_curves
+from cga_jax.training.models import build_model
+from cga_jax.training.optim import ema_init, make_optimizer
+from cga_jax.training.schedule import make_schedule
+from cga_jax.training.steps import make_eval_step, make_train_step
+from cga_jax.training.validate import check_config
+
+BATCH_KEYS = ("image", "label", "valid", "erase")  # what the steps read from a loader batch
 
 
 class NonFiniteLossError(FloatingPointError):
-    pass
+    """A training loss was NaN or infinite: the run stopped; its checkpoints are kept."""
 
 
-def build_model(cfg, num_classes: int) -> nnx.Module:
-    from cga_jax import EfficientViTConfig, create_model
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """What a run compiles once: the model's graphs, the optimiser, the schedule, the steps."""
 
-    m = cfg.model
-    rngs = nnx.Rngs(cfg.seed)
-    # a teacher needs the distillation head (DeiT builds the model with distillation=True then)
-    dist = (
-        bool(m.get("distillation", False)) or cfg.get("distill", {}).get("kind", "none") != "none"
+    graphdef: nnx.GraphDef  # the model in train mode; the state's arrays are merged into it
+    eval_graphdef: nnx.GraphDef  # the same model in eval mode
+    rest: nnx.State  # model state that is neither a Param nor a BatchStat (constant)
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    train_step: Callable  # jitted (state, batch, teacher) -> (state, metrics); donates state
+    eval_step: Callable  # jitted (params, batch_stats, batch) -> (correct, count)
+
+
+def initial_state(params, batch_stats, tx: optax.GradientTransformation, seed: int) -> dict:
+    """The train state at step 0 (the EMA starts as a copy of the model)."""
+    return {
+        "params": params,
+        "batch_stats": batch_stats,
+        "opt_state": tx.init(params),
+        "ema": ema_init({"params": params, "batch_stats": batch_stats}),
+        "step": jnp.asarray(0, jnp.int32),
+        "rng": jax.random.key_data(jax.random.key(seed)),
+    }
+
+
+def setup(
+    cfg,
+    *,
+    num_classes: int,
+    steps_per_epoch: int,
+    mesh: Mesh,
+    teacher_graphdef: nnx.GraphDef | None = None,
+) -> tuple[Program, dict]:
+    """The run's :class:`Program` and its initial state, replicated over ``mesh``.
+
+    The student is ``cfg.model`` (with the distillation head when ``distill.kind`` is not
+    "none"); weight decay skips the leaves its ``no_weight_decay()`` names.
+    ``teacher_graphdef``: the teacher of :func:`~cga_jax.training.distill.build_teacher`.
+    """
+    model = build_model(
+        cfg.model,
+        img_size=cfg.img_size,
+        num_classes=num_classes,
+        distillation=cfg.model.distillation or cfg.distill.kind != "none",
+        seed=cfg.seed,
+        new_head=True,
     )
-    if m.get("name"):
-        kw = dict(num_classes=num_classes, img_size=cfg.img_size, rngs=rngs)
-        if dist:
-            kw["distillation"] = True
-        return create_model(m.name, pretrained=m.get("pretrained") or None, **kw)
-    fields = {k: v for k, v in m.to_dict().items() if k not in ("name", "pretrained")}
-    fields.update(num_classes=num_classes, img_size=cfg.img_size, distillation=dist)
-    from cga_jax import EfficientViT
-
-    return EfficientViT(EfficientViTConfig(**fields), rngs=rngs)
-
-
-def _cast(tree, dtype):
-    return jax.tree.map(
-        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree
-    )
-
-
-def make_steps(
-    cfg, graphdef, eval_graphdef, rest, tx, schedule, num_classes: int, teacher_graphdef=None
-):
-    """-> (train_step(state, batch, teacher=None) -> (state, metrics),
-    eval_step(params, stats, batch)). ``teacher``: the teacher's state (with
-    ``teacher_graphdef``, from :func:`~cga_jax.training.distill.build_teacher`)."""
-    dtype = jnp.bfloat16 if cfg.get("compute_dtype", "float32") == "bfloat16" else jnp.float32
-    aug = cfg.aug
-    dc = cfg.get("distill", {})
-    kind, alpha, tau = dc.get("kind", "none"), dc.get("alpha", 0.5), dc.get("tau", 1.0)
-
-    def train_step(state, batch, teacher=None):
-        key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-        x = data_lib.normalize(batch["image"])
-        if "erase" in batch:  # random erasing, after normalisation (boxes drawn by the loader)
-            x = apply_erase(jax.random.fold_in(key, 1), x, batch["erase"])
-        valid = batch["valid"].astype(jnp.float32)
-        targets = smooth_one_hot(batch["label"], num_classes, aug.label_smoothing)
-        x, targets = mix_batch(
-            key, x, targets, aug.mixup, aug.cutmix, aug.mixup_switch_prob, aug.mixup_prob
-        )
-        t_logits = None
-        if teacher is not None:  # eval mode, no gradient, the same (mixed) images as DeiT
-            tm = nnx.merge(teacher_graphdef, _cast(teacher[0], dtype), teacher[1], copy=True)
-            t_logits = jax.lax.stop_gradient(tm(x.astype(dtype)))
-
-        def loss_fn(params):
-            m = nnx.merge(graphdef, _cast(params, dtype), state["batch_stats"], rest, copy=True)
-            out = m(x.astype(dtype))
-            logits, logits_dist = out if isinstance(out, tuple) else (out, None)
-            loss = distillation_loss(
-                logits, logits_dist, t_logits, targets, valid, kind, alpha, tau
-            )
-            return loss, nnx.state(m, nnx.BatchStat)
-
-        (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        _, ema = ema_update(
-            cfg.ema_decay, {"params": params, "batch_stats": new_stats}, state["ema"]
-        )
-        metrics = {
-            "train_loss": loss,
-            "lr": schedule(state["step"]),
-            "grad_norm": optax.global_norm(grads),
-            "bad_images": jnp.sum(1.0 - valid),
-        }
-        new_state = dict(
-            state,
-            params=params,
-            batch_stats=new_stats,
-            opt_state=opt_state,
-            ema=ema,
-            step=state["step"] + 1,
-        )
-        return new_state, metrics
-
-    def eval_step(params, stats, batch):
-        m = nnx.merge(eval_graphdef, _cast(params, dtype), stats, rest, copy=True)
-        logits = m(data_lib.normalize(batch["image"]).astype(dtype))
-        valid = batch["valid"].astype(jnp.float32)
-        correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32) * valid
-        return jnp.sum(correct), jnp.sum(valid)
-
-    return train_step, eval_step
-
-
-def setup(cfg, num_classes: int, steps_per_epoch: int):
-    """Model graph and initial state. -> (graphdef, eval_graphdef, rest, tx, schedule, state)."""
-    model = build_model(cfg, num_classes)
     model.train()
-    graphdef, params, stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+    graphdef, params, batch_stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
     model.eval()
     eval_graphdef = nnx.graphdef(model)
-    schedule = make_schedule(cfg, steps_per_epoch)
-    tx = make_optimizer(cfg, params, schedule)
-    state = {
-        "params": params,
-        "batch_stats": stats,
-        "opt_state": tx.init(params),
-        "ema": ema_init({"params": params, "batch_stats": stats}),
-        "step": jnp.asarray(0, jnp.int32),
-        "rng": jax.random.key_data(jax.random.key(cfg.seed)),
+    schedule = make_schedule(cfg.optim, batch_size=cfg.batch_size, steps_per_epoch=steps_per_epoch)
+    tx = make_optimizer(
+        cfg.optim, params=params, schedule=schedule, no_weight_decay=model.no_weight_decay()
+    )
+    replicated = NamedSharding(mesh, P())
+    state = jax.device_put(initial_state(params, batch_stats, tx, cfg.seed), replicated)
+    train_step = make_train_step(
+        cfg,
+        graphdef=graphdef,
+        rest=rest,
+        tx=tx,
+        schedule=schedule,
+        num_classes=num_classes,
+        teacher_graphdef=teacher_graphdef,
+    )
+    eval_step = make_eval_step(cfg, graphdef=eval_graphdef, rest=rest)
+    state_sharding = jax.tree.map(lambda _: replicated, state)
+    program = Program(
+        graphdef=graphdef,
+        eval_graphdef=eval_graphdef,
+        rest=rest,
+        tx=tx,
+        schedule=schedule,
+        train_step=jax.jit(
+            train_step, donate_argnums=(0,), out_shardings=(state_sharding, replicated)
+        ),
+        eval_step=jax.jit(eval_step, out_shardings=(replicated, replicated)),
+    )
+    return program, state
+
+
+def to_global(local: dict, sharding: NamedSharding) -> dict[str, jax.Array]:
+    """This process's part of a batch (numpy) -> global arrays sharded by ``sharding``."""
+    return {
+        k: jax.make_array_from_process_local_data(sharding, np.asarray(local[k]))
+        for k in BATCH_KEYS
+        if k in local
     }
-    return graphdef, eval_graphdef, rest, tx, schedule, state
+
+
+class Feeder:
+    """The training input: this process's next batch of the Grain loader as global arrays.
+
+    ``wait_s`` sums the time spent waiting for the loader; ``get_state`` / ``set_state`` are the
+    loader's iterator state, which the checkpoints hold."""
+
+    def __init__(self, loader, sharding: NamedSharding):
+        self._iterator = iter(loader)
+        self.sharding = sharding
+        self.wait_s = 0.0
+
+    def next(self) -> dict[str, jax.Array]:
+        t0 = time.perf_counter()
+        local = next(self._iterator)
+        self.wait_s += time.perf_counter() - t0
+        return to_global(local, self.sharding)
+
+    def get_state(self) -> bytes:
+        return self._iterator.get_state()
+
+    def set_state(self, state: bytes) -> None:
+        self._iterator.set_state(state)
+
+
+def evaluate(program: Program, models: dict, batches: Iterator[dict], sharding) -> dict:
+    """Top-1 (%) of each of ``models`` (name -> ``{"params", "batch_stats"}``) over one pass of
+    ``batches`` (every validation image once; padding has ``valid=0``)."""
+    sums = {name: [0.0, 0.0] for name in models}
+    for local in batches:
+        batch = to_global(local, sharding)
+        for name, m in models.items():
+            correct, count = program.eval_step(m["params"], m["batch_stats"], batch)
+            sums[name][0] += float(correct)
+            sums[name][1] += float(count)
+    return {name: 100.0 * c / max(n, 1.0) for name, (c, n) in sums.items()}
+
+
+def write_metrics(pending: list, log: Logger, ckpts: Checkpoints) -> dict:
+    """Log the metrics of the steps in ``pending`` (``(step, metrics)`` on the device; one
+    transfer) and return the last. At a non-finite loss, wait for the saves in flight and raise
+    :class:`NonFiniteLossError` naming the last good checkpoint."""
+    for step, metrics in jax.device_get(pending):
+        if not np.isfinite(metrics["train_loss"]):
+            ckpts.wait()
+            raise NonFiniteLossError(
+                f"non-finite loss ({metrics['train_loss']}) at step {step}: stopping; the last "
+                f"good checkpoint is step {ckpts.latest_step()} in {ckpts.directory}"
+            )
+        log.write(step, **metrics)
+    return metrics
+
+
+@contextlib.contextmanager
+def sigterm_flag() -> Iterator[threading.Event]:
+    """An event that SIGTERM sets (a preempted VM) while the block runs."""
+    flag = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: flag.set())
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def train_and_evaluate(cfg, workdir: str) -> dict:
-    """Train per ``cfg`` in ``workdir`` (resuming from its latest checkpoint). Returns the final
-    metrics: ``val_top1``, ``val_top1_ema``, ``step``, ``checkpoint`` (dir), ``curves`` (png)."""
+    """Train per ``cfg`` in ``workdir``, resuming from its latest checkpoint.
+
+    Returns the final metrics: ``val_top1``, ``val_top1_ema`` (of the last evaluation), ``best``,
+    ``step``, ``checkpoint`` (directory), ``curves`` (PNG; process 0), ``preempted`` (after
+    SIGTERM). Raises :class:`~cga_jax.training.validate.ConfigError` for an invalid config,
+    before anything is built, and :class:`NonFiniteLossError` when the loss is not finite.
+    """
+    check_config(cfg)
+    devices = jax.device_count()
+    if cfg.batch_size % devices or cfg.eval_batch_size % devices:
+        raise ValueError(f"batch sizes must divide by the {devices} devices")
+    mesh = jax.make_mesh((devices,), ("data",), axis_types=(AxisType.Auto,))
+    batch_sharding = NamedSharding(mesh, P("data"))
     pid, nproc = jax.process_index(), jax.process_count()
     main = pid == 0
-    mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
-    repl, data_sh = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    if cfg.batch_size % jax.device_count() or cfg.eval_batch_size % jax.device_count():
-        raise ValueError(f"batch sizes must divide by the {jax.device_count()} devices")
 
-    train_src = data_lib.make_source(cfg, "train")
-    val_src = data_lib.make_source(cfg, "val")
-    num_classes = cfg.model.get("num_classes") or train_src.num_classes
+    train_src, val_src = data_lib.make_source(cfg, "train"), data_lib.make_source(cfg, "val")
+    num_classes = cfg.model.num_classes or train_src.num_classes
     steps_per_epoch = max(1, len(train_src) // cfg.batch_size)
-    o = cfg.optim
-    total_steps = cfg.get("total_steps") or int(
-        round((o.epochs + o.cooldown_epochs) * steps_per_epoch)
+    epochs = cfg.optim.epochs + cfg.optim.cooldown_epochs
+    total_steps = cfg.total_steps or int(round(epochs * steps_per_epoch))
+    teacher = build_teacher(cfg, num_classes=num_classes)  # None without distillation
+    program, state = setup(
+        cfg,
+        num_classes=num_classes,
+        steps_per_epoch=steps_per_epoch,
+        mesh=mesh,
+        teacher_graphdef=None if teacher is None else teacher.graphdef,
     )
-    graphdef, eval_graphdef, rest, tx, schedule, state = setup(cfg, num_classes, steps_per_epoch)
-    state = jax.device_put(state, repl)
+    replicated = NamedSharding(mesh, P())  # the teacher is a non-donated argument of the step
+    teacher_state = None if teacher is None else jax.device_put(teacher.state, replicated)
+    feeder = Feeder(
+        data_lib.train_loader(cfg, train_src, pid, nproc, seed=cfg.seed), batch_sharding
+    )
 
-    teacher = build_teacher(cfg, num_classes)
-    t_graphdef, t_state = teacher if teacher is not None else (None, None)
-    if t_state is not None:  # a non-donated argument of the step, replicated like the params
-        t_state = jax.device_put(t_state, repl)
-    train_step, eval_step = make_steps(
-        cfg, graphdef, eval_graphdef, rest, tx, schedule, num_classes, t_graphdef
-    )
-    state_sh = jax.tree.map(lambda _: repl, state)
-    p_train = jax.jit(
-        train_step,
-        donate_argnums=(0,),
-        out_shardings=(state_sh, repl),
-    )
-    p_eval = jax.jit(eval_step, out_shardings=(repl, repl))
-
-    loader = data_lib.train_loader(cfg, train_src, pid, nproc, seed=cfg.seed)
-    it = iter(loader)
-    mngr = ckpt.make_manager(os.path.join(workdir, "checkpoints"), cfg.keep_checkpoints)
-    best_mngr = ckpt.make_manager(os.path.join(workdir, "best"), 1, name="best")
-    best = -1.0
-    start = 0
-    if mngr.latest_step() is not None:
-        state, data_state, meta = ckpt.restore(mngr, mngr.latest_step(), state)
+    ckpts = Checkpoints(workdir, cfg.keep_checkpoints)
+    start, best = 0, -1.0
+    resumed = ckpts.restore_latest(state)
+    if resumed is not None:
+        state, data_state, start, best = resumed
         if data_state is not None:
-            it.set_state(data_state)
-        start, best = int(meta["step"]), float(meta.get("best", -1.0))
+            feeder.set_state(data_state)
         if main:
-            print(f"resumed from {mngr.directory} step {start}")
+            print(f"resumed from {ckpts.directory} step {start}")
 
     log = Logger(workdir, main)
-    preempted = []
-    old_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
-
-    def to_global(local):
-        return {
-            k: jax.make_array_from_process_local_data(data_sh, np.asarray(local[k]))
-            for k in ("image", "label", "valid", "erase")
-            if k in local
-        }
-
-    def evaluate(params_stats) -> float:
-        correct = count = 0.0
-        for local in data_lib.eval_batches(cfg, val_src, pid, nproc):
-            c, n = p_eval(params_stats["params"], params_stats["batch_stats"], to_global(local))
-            correct, count = correct + float(c), count + float(n)
-        return 100.0 * correct / max(count, 1.0)
-
-    def save(step: int, best_val: float) -> None:
-        ckpt.save(mngr, step, state, it.get_state(), {"step": step, "best": best_val})
-
-    bar = None
-    if main and cfg.get("progress", True):
-        from tqdm import tqdm
-
-        bar = tqdm(total=total_steps, initial=start, unit="step", dynamic_ncols=True)
-    pending: list = []
+    progress = Progress(main and cfg.progress, total_steps, start, cfg.batch_size)
+    pending: list = []  # (step, metrics) not logged yet: the device runs ahead of the host
     result: dict = {}
-    t_last, n_last = time.perf_counter(), 0
     try:
-        for step in range(start, total_steps):
-            state, metrics = p_train(state, to_global(next(it)), t_state)
-            pending.append((step + 1, metrics))
-            s = step + 1
-            do_eval = s % cfg.eval_every == 0 or s == total_steps
-            do_save = s % cfg.checkpoint_every == 0 or s == total_steps or bool(preempted)
-            if s % cfg.log_every == 0 or do_eval or do_save:
-                for ps, pm in jax.device_get(pending):
-                    if not np.isfinite(pm["train_loss"]):
-                        mngr.wait_until_finished()
-                        raise NonFiniteLossError(
-                            f"non-finite loss ({pm['train_loss']}) at step {ps}: stopping; the last "
-                            f"good checkpoint is step {mngr.latest_step()} in {mngr.directory}"
-                        )
-                    log.write(ps, **pm)
-                dt = time.perf_counter() - t_last
-                ips = (s - start - n_last) * cfg.batch_size / max(dt, 1e-9)
-                t_last, n_last = time.perf_counter(), s - start
-                if bar is not None:
-                    bar.set_postfix(loss=f"{pending[-1][1]['train_loss']:.4f}", img_s=f"{ips:.0f}")
-                pending = []
-            if bar is not None:
-                bar.update(1)
-            if do_eval:
-                top1 = evaluate(state)
-                top1_ema = evaluate(state["ema"].ema)
-                log.write(s, val_top1=top1, val_top1_ema=top1_ema)
-                result.update(val_top1=top1, val_top1_ema=top1_ema)
-                if main and bar is not None:
-                    bar.write(f"step {s}: val top-1 {top1:.2f}% (EMA {top1_ema:.2f}%)")
-                if top1 > best:
-                    best = top1
-                    ckpt.save(best_mngr, s, state, None, {"step": s, "val_top1": top1})
-            if do_save:
-                save(s, best)
-            if preempted:
-                mngr.wait_until_finished()
-                if main:
-                    print(f"SIGTERM: saved step {s} to {mngr.directory}; exiting")
-                result["preempted"] = True
-                break
+        with sigterm_flag() as sigterm:
+            for step in range(start + 1, total_steps + 1):
+                state, metrics = program.train_step(state, feeder.next(), teacher_state)
+                pending.append((step, metrics))
+                stop = sigterm.is_set()
+                last = step == total_steps
+                evaluate_now = step % cfg.eval_every == 0 or last
+                save_now = step % cfg.checkpoint_every == 0 or last or stop
+
+                if step % cfg.log_every == 0 or evaluate_now or save_now:
+                    loss = write_metrics(pending, log, ckpts)["train_loss"]
+                    progress.report(step, loss, feeder.wait_s)
+                    pending = []
+                progress.advance()
+
+                if evaluate_now:
+                    models = {"val_top1": state, "val_top1_ema": state["ema"].ema}
+                    batches = data_lib.eval_batches(cfg, val_src, pid, nproc)
+                    top1 = evaluate(program, models, batches, batch_sharding)
+                    log.write(step, **top1)
+                    result.update(top1)
+                    progress.write(
+                        f"step {step}: val top-1 {top1['val_top1']:.2f}% "
+                        f"(EMA {top1['val_top1_ema']:.2f}%)"
+                    )
+                    if top1["val_top1"] > best:
+                        best = top1["val_top1"]
+                        ckpts.save_best(step, state, best)
+
+                if save_now:
+                    ckpts.save(step, state, feeder.get_state(), best)
+
+                if stop:
+                    ckpts.wait()
+                    if main:
+                        print(f"SIGTERM: saved step {step} to {ckpts.directory}; exiting")
+                    result["preempted"] = True
+                    break
     finally:
-        mngr.wait_until_finished()
-        best_mngr.wait_until_finished()
-        signal.signal(signal.SIGTERM, old_handler)
-        if bar is not None:
-            bar.close()
+        ckpts.wait()
+        progress.close()
         log.close()
-    result.update(step=int(state["step"]), checkpoint=str(mngr.directory), best=best)
+    result.update(step=int(state["step"]), checkpoint=ckpts.directory, best=best)
     if main and os.path.exists(log.path):
         result["curves"] = plot_curves(log.path, os.path.join(workdir, "curves.png"))
     return result
