@@ -236,9 +236,7 @@ def _affine(x, coeffs, resample, fill):
         return jnp.take_along_axis(flat, idx, axis=1).reshape(b, h, w, 3)
 
     def cubic():
-        rows = [
-            _cubic(*(tap(y0 + r, x0 + c) for c in (-1, 0, 1, 2)), dx) for r in (-1, 0, 1, 2)
-        ]
+        rows = [_cubic(*(tap(y0 + r, x0 + c) for c in (-1, 0, 1, 2)), dx) for r in (-1, 0, 1, 2)]
         return jnp.trunc(jnp.clip(_cubic(*rows, dy), 0.0, 255.0))
 
     def linear():

@@ -45,9 +45,7 @@ def dct_scale(box_h: float, box_w: float, size: int) -> int:
     return 1
 
 
-def resize_box(
-    im: Image.Image, box: tuple[float, float, float, float], size: int
-) -> np.ndarray:
+def resize_box(im: Image.Image, box: tuple[float, float, float, float], size: int) -> np.ndarray:
     """Bicubic (antialiased) resample of ``box`` = (left, top, right, bottom) of ``im`` to
     uint8 (size, size, 3)."""
     if im.mode != "RGB":
