@@ -224,12 +224,32 @@ def _load_model_strict(a: argparse.Namespace):
     return model
 
 
+def _add_pack(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--src", required=True, help="image folder: <class>/<image>")
+    p.add_argument("--out", required=True, help="output directory of the shards")
+    p.add_argument("--num-shards", type=int, required=True)
+    p.add_argument(
+        "--resize-short",
+        type=int,
+        default=None,
+        help="re-encode images whose shorter side is larger to this size (JPEG, once)",
+    )
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images")
+
+
+def _run_pack(a: argparse.Namespace) -> int:
+    from cga_jax.training.arrayrecord import main_pack
+
+    return main_pack(a.src, a.out, a.num_shards, a.resize_short, a.quality)
+
+
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "convert": ("PyTorch (official/timm) checkpoint -> cga_jax", _add_convert, _run_convert),
     "export-torch": ("cga_jax weights -> PyTorch state dict", _add_export_torch, _run_export_torch),
     "export": ("jax.export serving artifact (StableHLO)", _add_export, _run_export),
     "eval": ("top-1/top-5/loss on an ImageNet-style folder", _add_eval, _run_eval),
     "predict": ("top-k classes of image files", _add_predict, _run_predict),
+    "pack": ("image folder -> ArrayRecord shards for training", _add_pack, _run_pack),
 }
 
 
@@ -246,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except ValueError as e:
-        if args.command not in ("eval", "predict"):
+        if args.command not in ("eval", "predict", "pack"):
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -23,9 +23,10 @@ import numpy as np
 from PIL import Image
 
 from cga_jax.preprocess import decode_image, eval_preprocess, list_image_folder
-from cga_jax.training.device_augment import encode_ops
+from cga_jax.training.arrayrecord import ArrayRecordSource, is_shard_dir
 from cga_jax.training.erasing import erase_box
 from cga_jax.training.fast_decode import decode_crop, open_image
+from cga_jax.training.ra_params import encode_ops
 from cga_jax.training.randaugment import RandAugment
 from cga_jax.training.sampler import RepeatAugSampler
 
@@ -217,6 +218,8 @@ def make_source(cfg, split: str):
         from cga_jax.training.tar_source import TarSource
 
         return TarSource(path)
+    if d.name == "arrayrecord" or is_shard_dir(path):
+        return ArrayRecordSource(path)
     return FolderSource(path)
 
 
