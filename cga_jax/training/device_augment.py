@@ -86,8 +86,8 @@ def _apply_lut(x, lut):
     return jnp.take_along_axis(lut.reshape(b, 768), idx, axis=1).reshape(x.shape)
 
 
-def _luts(x, op, arg):
-    """The lookup table of each image's point op (identity for other ops): int32 (B, 3, 256)."""
+def _hist_luts(x):
+    """AutoContrast and Equalize tables of each image, int32 (B, 3, 256) each."""
     hist = _histogram(x)
     i = jnp.arange(256, dtype=jnp.int32)
     ident = jnp.broadcast_to(i, hist.shape)
@@ -100,12 +100,23 @@ def _luts(x, op, arg):
     fix = jnp.asarray(_autocontrast_fix())[lo[..., 0], hi[..., 0]]  # (B, 3, 256)
     auto = jnp.where(hi > lo, exact - fix.astype(jnp.int32), ident)
     # Equalize: PIL's integer steps
-    last = jnp.take_along_axis(hist, (255 - jnp.argmax(nz[..., ::-1], axis=-1))[..., None], -1)
+    last = jnp.take_along_axis(hist, hi, -1)
     step = (hist.sum(-1, keepdims=True) - last) // 255
     cum = jnp.cumsum(hist, axis=-1) - hist  # exclusive
     eq = (step // 2 + cum) // jnp.maximum(step, 1)
     flat = (nz.sum(-1, keepdims=True) <= 1) | (step == 0)
     eq = jnp.where(flat, ident, jnp.clip(eq, 0, 255))
+    return auto, eq
+
+
+def _luts(x, op, arg):
+    """The lookup table of each image's point op (identity for other ops): int32 (B, 3, 256)."""
+    b = x.shape[0]
+    ident = jnp.broadcast_to(jnp.arange(256, dtype=jnp.int32), (b, 3, 256))
+    needs_hist = (op == AUTOCONTRAST) | (op == EQUALIZE)
+    auto, eq = jax.lax.cond(
+        jnp.any(needs_hist), _hist_luts, lambda v: (ident, ident), x
+    )  # the histograms only when an image needs them
     a = arg.astype(jnp.int32)[:, None, None]
     bits = jnp.clip(a, 0, 8)
     mask = (255 << (8 - bits)) & 255  # bits == 0: black, as the host path
@@ -209,7 +220,9 @@ def _affine(x, coeffs, resample, fill):
         return tap(jnp.floor(yin).astype(jnp.int32), jnp.floor(xin).astype(jnp.int32))
 
     rs = resample[:, None, None, None]
-    out = jnp.where(rs == 3, cubic(), jnp.where(rs == 2, linear(), nearest()))
+    out = x
+    for code, fn in ((3, cubic), (2, linear), (0, nearest)):  # only the filters in use
+        out = _when(rs == code, lambda o, c=code, f=fn: jnp.where(rs == c, f(), o), out)
     return jnp.where(inside[..., None], out, jnp.asarray(fill, jnp.float32))
 
 

@@ -24,11 +24,13 @@ from jax.sharding import PartitionSpec as P
 
 from cga_jax.training import checkpoint as ckpt
 from cga_jax.training import data as data_lib
+from cga_jax.training.device_augment import augment as device_augment
 from cga_jax.training.distill import build_teacher, distillation_loss
 from cga_jax.training.erasing import apply_erase
 from cga_jax.training.logger import Logger, plot_curves
 from cga_jax.training.mixup import mix_batch, smooth_one_hot
 from cga_jax.training.optim import ema_init, ema_update, make_optimizer, make_schedule
+from cga_jax.training.prefetch import DevicePrefetcher
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -75,7 +77,10 @@ def make_steps(
 
     def train_step(state, batch, teacher=None):
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-        x = data_lib.normalize(batch["image"])
+        images = batch["image"]
+        if "flip" in batch or "ra" in batch:  # data.device_aug: flip + RandAugment here
+            images = device_augment(batch)
+        x = data_lib.normalize(images)
         if "erase" in batch:  # random erasing, after normalisation (boxes drawn by the loader)
             x = apply_erase(jax.random.fold_in(key, 1), x, batch["erase"])
         valid = batch["valid"].astype(jnp.float32)
@@ -206,7 +211,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
     def to_global(local):
         return {
             k: jax.make_array_from_process_local_data(data_sh, np.asarray(local[k]))
-            for k in ("image", "label", "valid", "erase")
+            for k in ("image", "label", "valid", "erase", "flip", "ra")
             if k in local
         }
 
@@ -217,8 +222,12 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
             correct, count = correct + float(c), count + float(n)
         return 100.0 * correct / max(count, 1.0)
 
+    # batches go to the devices ahead of the step; feed.state is the loader state of the last
+    # batch the step took (what a checkpoint must hold), feed.take_wait() its input wait
+    feed = DevicePrefetcher(it, to_global, cfg.data.get("prefetch", 2))
+
     def save(step: int, best_val: float) -> None:
-        ckpt.save(mngr, step, state, it.get_state(), {"step": step, "best": best_val})
+        ckpt.save(mngr, step, state, feed.state, {"step": step, "best": best_val})
 
     bar = None
     if main and cfg.get("progress", True):
@@ -230,7 +239,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
     t_last, n_last = time.perf_counter(), 0
     try:
         for step in range(start, total_steps):
-            state, metrics = p_train(state, to_global(next(it)), t_state)
+            state, metrics = p_train(state, next(feed), t_state)
             pending.append((step + 1, metrics))
             s = step + 1
             do_eval = s % cfg.eval_every == 0 or s == total_steps
@@ -246,6 +255,8 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
                     log.write(ps, **pm)
                 dt = time.perf_counter() - t_last
                 ips = (s - start - n_last) * cfg.batch_size / max(dt, 1e-9)
+                # share of the window's wall time the loop waited for input (0: never)
+                log.write(s, input_wait=min(1.0, feed.take_wait() / max(dt, 1e-9)))
                 t_last, n_last = time.perf_counter(), s - start
                 if bar is not None:
                     bar.set_postfix(loss=f"{pending[-1][1]['train_loss']:.4f}", img_s=f"{ips:.0f}")
@@ -271,6 +282,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
                 result["preempted"] = True
                 break
     finally:
+        feed.close()
         mngr.wait_until_finished()
         best_mngr.wait_until_finished()
         signal.signal(signal.SIGTERM, old_handler)
