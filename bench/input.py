@@ -159,6 +159,13 @@ def measure(tmp: pathlib.Path, repeats: int, quick: bool) -> dict[str, Any]:
         dev_rates = [p.run() for _ in range(repeats)]
     finally:
         p.stop()
+    p = Proc(dict(label="fidelity", kind="fidelity", root=str(tmp / "jpg"), cores=1), log)
+    try:
+        p.p.stdin.write("run\n")
+        p.p.stdin.flush()
+        fid = p._recv()["fidelity"]
+    finally:
+        p.stop()
     results = []
     for i, c in enumerate(cs):
         r = rates[i]
@@ -181,6 +188,7 @@ def measure(tmp: pathlib.Path, repeats: int, quick: bool) -> dict[str, Any]:
         bits_per_pixel=8 * nbytes / npix,
         results=results,
         device=dict(img_s=dmed, ms_per_image=1000 / dmed, repeats=dev_rates),
+        fidelity=fid,
     )
 
 
@@ -230,6 +238,20 @@ def markdown(run: dict[str, Any]) -> str:
         "",
         f"Device side, on this CPU (1 core, jitted, batch {BATCH}): flip + RandAugment + "
         f"normalise + erasing {d['ms_per_image']:.2f} ms per image ({d['img_s']:.0f} img/s).",
+        "",
+        "## Fidelity",
+        "",
+        f"- fast vs exact, same boxes ({r['fidelity']['n']} images, seeds 0..n-1): "
+        f"{100 * r['fidelity']['scaled_share']:.0f}% of the boxes are decoded at a reduced DCT "
+        "scale (the others are decoded and resampled exactly as exact: identical pixels); mean "
+        f"abs diff {r['fidelity']['mad_all']:.3f} levels over all crops, "
+        f"{r['fidelity']['mad_scaled']:.2f} over the reduced ones, PSNR of those median "
+        f"{r['fidelity']['psnr_scaled_median'] or float('nan'):.1f} dB, "
+        f"min {r['fidelity']['psnr_scaled_min'] or float('nan'):.1f} dB.",
+        "- device RandAugment op vs PIL (16 exact 224 px crops, magnitudes 0-10 both signs, "
+        "bicubic; worst mean abs diff over magnitudes, 0-255): "
+        + ", ".join(f"{k} {v:.4f}" for k, v in r["fidelity"]["device_ops_worst_mad"].items())
+        + ".",
         "",
         "## Targets (per core, same run)",
         "",

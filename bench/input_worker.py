@@ -120,9 +120,81 @@ def device_step(spec):
     return run
 
 
+def fidelity(spec) -> dict:
+    """fast vs exact crops of the same boxes (PSNR, mean abs diff), and each device op vs PIL
+    (mean abs diff per op at magnitudes 0..10, on 224 px crops of the benchmark images)."""
+    import glob
+    import math
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from PIL import Image
+
+    from cga_jax.preprocess import decode_image
+    from cga_jax.training import device_augment as da
+    from cga_jax.training import fast_decode as fd
+    from cga_jax.training import randaugment as ra
+    from cga_jax.training.data import random_resized_crop_box
+
+    files = sorted(glob.glob(os.path.join(spec["root"], "train", "*", "*.jpg")))
+    mads, psnrs, scaled = [], [], []
+    crops = []
+    for i, f in enumerate(files):
+        img = decode_image(f)
+        h, w = img.shape[:2]
+        t, left, ch, cw = random_resized_crop_box(
+            np.random.default_rng(i), h, w, (0.08, 1), (3 / 4, 4 / 3)
+        )
+        box = (left, t, left + cw, t + ch)
+        want = np.asarray(Image.fromarray(img).resize((224, 224), Image.BICUBIC, box=box))
+        got = fd.decode_crop(fd.open_image(f), t, left, ch, cw, 224)
+        d = want.astype(np.float64) - got
+        mse = float(np.mean(d**2))
+        mads.append(float(np.abs(d).mean()))
+        psnrs.append(math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse))
+        scaled.append(fd.dct_scale(ch, cw, 224) > 1)
+        if len(crops) < 16:
+            crops.append(want)
+    sc = np.array(scaled)
+    fin = [p for p, s in zip(psnrs, scaled, strict=True) if s]
+    out = dict(
+        n=len(files),
+        scaled_share=float(sc.mean()),
+        mad_all=float(np.mean(mads)),
+        mad_scaled=float(np.mean(np.array(mads)[sc])) if sc.any() else 0.0,
+        psnr_scaled_median=float(np.median(fin)) if fin else None,
+        psnr_scaled_min=float(np.min(fin)) if fin else None,
+    )
+    imgs = np.stack(crops)
+    fn = jax.jit(da.randaugment)
+    ops = {}
+    for name in ra.INCREASING_OPS:
+        worst = 0.0
+        for m in (0.0, 2.0, 4.0, 6.0, 8.0, 9.0, 10.0):
+            for neg in (False, True):
+                arg = ra.level_to_arg(name, m, neg)
+                pil = np.stack(
+                    [np.asarray(ra.apply_op(Image.fromarray(x), name, arg)) for x in imgs]
+                )
+                p = np.stack([da.encode_ops([(name, arg, "bicubic")], 224, 224, 1) for _ in imgs])
+                dev = np.asarray(fn(jnp.asarray(imgs), jnp.asarray(p)))
+                worst = max(worst, float(np.abs(dev.astype(int) - pil).mean()))
+        ops[name] = worst
+    out["device_ops_worst_mad"] = ops
+    return out
+
+
 def main(spec: dict) -> None:
     if spec.get("cpus"):
         os.sched_setaffinity(0, spec["cpus"])
+    if spec["kind"] == "fidelity":
+        _reply(ready=True)
+        for line in sys.stdin:
+            if line.strip() == "stop":
+                break
+            _reply(seconds=1.0, images=0, fidelity=fidelity(spec))
+        return
     if spec["kind"] == "device":
         call = device_step(spec)
         call()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import ml_collections
 
 
@@ -20,7 +22,12 @@ def imagenet_recipe() -> ml_collections.ConfigDict:
             root="/data/imagenet",
             train_dir="train",
             val_dir="val",
-            workers=8,
+            # Grain worker processes: this host's cores less one (the step and the prefetch
+            # thread); with several training processes per host, divide by their number
+            workers=max(1, len(os.sched_getaffinity(0)) - 1),
+            prefetch=2,  # batches on the devices ahead of the step
+            decode="fast",  # "exact": full decode + resample as timm (pixel-equal)
+            device_aug=True,  # flip + RandAugment inside the jitted step; False: on the host
             aug="rrc_flip",
             rrc_scale=(0.08, 1.0),
             hflip=0.5,
