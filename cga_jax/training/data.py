@@ -255,8 +255,18 @@ def train_loader(cfg, source, process_index: int, process_count: int, seed: int)
     )
     decode = [] if mode == "fast" and scale is not None else [Decode()]
     ops = [*decode, aug, grain.Batch(local_batch, drop_remainder=True)]
+    # Records are paths or a few KB of bytes, decoded in the transforms (which run in the
+    # worker processes): read them in the calling thread. Grain's default read-ahead (16
+    # threads, 500 records) scans its whole buffer on every record, which cost more CPU than
+    # decoding here; ``data.read_threads`` > 0 brings it back for slow (remote) storage.
+    threads = d.get("read_threads", 0)
+    read = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=4 * threads)
     return grain.DataLoader(
-        data_source=source, sampler=sampler, operations=ops, worker_count=d.get("workers", 0)
+        data_source=source,
+        sampler=sampler,
+        operations=ops,
+        worker_count=d.get("workers", 0),
+        read_options=read,
     )
 
 
