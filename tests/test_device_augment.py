@@ -124,3 +124,23 @@ def test_device_path_reproduces_host_randaugment():
     d = np.abs(got - want)
     assert d.mean() < 0.05 and (d > 1).mean() < 0.002, (d.mean(), (d > 1).mean())
     assert (np.stack([r["ra"][:, 0] for r in b]) >= 0).any()  # some ops were drawn
+
+
+def test_autocontrast_tables_for_many_ranges():
+    """PIL computes AutoContrast's table in float64 and truncates, which sometimes lands one
+    below the exact value (e.g. at the maximum); the device table must follow it everywhere."""
+    rng = np.random.default_rng(0)
+    pairs = [(22, 255), (5, 212), (0, 25), (0, 255), (100, 101), (7, 7)]
+    pairs += [tuple(sorted(rng.integers(0, 256, 2))) for _ in range(250)]
+    imgs = np.zeros((len(pairs), 16, 16, 3), np.uint8)
+    for k, (lo, hi) in enumerate(pairs):
+        vals = np.linspace(lo, hi, 256).round().astype(np.uint8)
+        imgs[k] = np.stack(
+            [vals.reshape(16, 16), vals[::-1].reshape(16, 16), vals.reshape(16, 16).T], -1
+        )
+    p = np.stack([da.encode_ops([("AutoContrast", None, "bicubic")], 16, 16, 1) for _ in imgs])
+    got = np.asarray(jax.jit(da.randaugment)(jnp.asarray(imgs), jnp.asarray(p)))
+    want = np.stack(
+        [np.asarray(ra.apply_op(Image.fromarray(i), "AutoContrast", None)) for i in imgs]
+    )
+    np.testing.assert_array_equal(got, want)

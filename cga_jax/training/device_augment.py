@@ -95,8 +95,8 @@ def _hist_luts(x):
     # AutoContrast: first/last non-empty bin per channel; float64 truncation via the fix table
     lo = jnp.argmax(nz, axis=-1)[..., None]
     hi = 255 - jnp.argmax(nz[..., ::-1], axis=-1)[..., None]
-    d = jnp.maximum(hi - lo, 1).astype(jnp.float32)
-    exact = jnp.clip(jnp.floor((i - lo).astype(jnp.float32) * 255.0 / d), 0, 255).astype(jnp.int32)
+    d = jnp.maximum(hi - lo, 1)
+    exact = jnp.clip(((i - lo) * 255) // d, 0, 255)  # integer floor: exact on any backend
     fix = jnp.asarray(_autocontrast_fix())[lo[..., 0], hi[..., 0]]  # (B, 3, 256)
     auto = jnp.where(hi > lo, exact - fix.astype(jnp.int32), ident)
     # Equalize: PIL's integer steps
