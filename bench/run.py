@@ -2,7 +2,8 @@
 
 Sections (``--only``): ``official`` (M0-M5, BN folded, 1 thread, batch 16, cga_jax jit vs
 PyTorch traced), ``threads2`` (M0/M4, 2 threads, batch 64, vs PyTorch eager and ONNX Runtime),
-``train`` (M0/M4, fwd+bwd+AdamW, 2 threads, batch 64), ``compile`` (M5 first-call times).
+``train`` (M0/M4, fwd+bwd+AdamW, 2 threads, batch 64), ``compile`` (M5 first-call times),
+``input`` (training input pipelines vs timm's DataLoader, bench/input.py; only with --only).
 Peak memory is recorded for every process. Results: ``bench/results/<name>.{md,png,json}``.
 See docs/bench.md.
 """
@@ -102,7 +103,17 @@ def main(argv: list[str] | None = None) -> int:
         "fused_impl": args.fused_impl,
         "malloc": args.malloc,
     }
-    cases = plan.build_plan(plan.parse_only(args.only), opts["iters_scale"])
+    # the input-pipeline section has its own runner and report (bench/input.py)
+    only = [t for item in args.only or [] for t in item.split(",") if t.strip()]
+    if "input" in only:
+        from bench import input as input_bench
+
+        name = args.name or ("input_quick" if quick else "input")
+        input_bench.run(args.out, args.repeats or (2 if quick else 5), quick, name)
+        only.remove("input")
+        if not only:
+            return 0
+    cases = plan.build_plan(plan.parse_only(only or None), opts["iters_scale"])
     print(f"{len(cases)} cases:")
     for c in cases:
         print(f"  {c.name}: {', '.join(x.label for x in c.contestants)}; {c.iters} iters/repeat")

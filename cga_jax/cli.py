@@ -22,6 +22,7 @@ from cga_jax.predict import predict
 from cga_jax.preprocess import list_image_folder
 from cga_jax.serving import export_serving
 from cga_jax.torch_export import LAYOUTS, export_torch
+from cga_jax.training.arrayrecord import main_pack
 from cga_jax.xla_options import apply_cpu_flags
 
 WEIGHTS_HELP = (
@@ -200,12 +201,30 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--crop-pct", type=float, default=0.875, help="resize to img_size/crop_pct")
 
 
+def _add_pack(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--src", required=True, help="image folder: <class>/<image>")
+    p.add_argument("--out", required=True, help="output directory of the shards")
+    p.add_argument("--num-shards", type=int, required=True)
+    p.add_argument(
+        "--resize-short",
+        type=int,
+        default=None,
+        help="re-encode images whose shorter side is larger to this size (JPEG, once)",
+    )
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images")
+
+
+def _run_pack(a: argparse.Namespace) -> int:
+    return main_pack(a.src, a.out, a.num_shards, a.resize_short, a.quality)
+
+
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "convert": ("PyTorch (official/timm) checkpoint -> cga_jax", _add_convert, _run_convert),
     "export-torch": ("cga_jax weights -> PyTorch state dict", _add_export_torch, _run_export_torch),
     "export": ("jax.export serving artifact (StableHLO)", _add_export, _run_export),
     "eval": ("top-1/top-5/loss on an ImageNet-style folder", _add_eval, _run_eval),
     "predict": ("top-k classes of image files", _add_predict, _run_predict),
+    "pack": ("image folder -> ArrayRecord shards for training", _add_pack, _run_pack),
 }
 
 
@@ -222,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except ValueError as e:
-        if args.command not in ("eval", "predict"):
+        if args.command not in ("eval", "predict", "pack"):
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2

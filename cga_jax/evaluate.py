@@ -26,6 +26,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from cga_jax.classes import imagenet_synsets
 from cga_jax.preprocess import list_image_folder, load_eval_image, normalize
 
 Batch = tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]
@@ -35,8 +36,6 @@ def folder_labels(classes: Sequence[str], num_classes: int) -> list[int]:
     """Label of each class folder: its sorted position, except that folders named by ImageNet
     synsets (``n01440764`` ...) for a 1000-class model take the synset's ImageNet-1k index (so a
     subset of the ImageNet validation classes is scored correctly)."""
-    from cga_jax.classes import imagenet_synsets
-
     if num_classes == 1000:
         index = {s: i for i, s in enumerate(imagenet_synsets())}
         if all(c in index for c in classes):

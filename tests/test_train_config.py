@@ -82,7 +82,7 @@ BAD = [
     ("data.randaugment", "rand-m9-x2", "data.randaugment='rand-m9-x2': bad RandAugment section"),
     ("data.randaugment", "augmix-m5", "must start with 'rand-'"),
     ("data.interpolation", "nearest", "data.interpolation='nearest': must be one of"),
-    ("data.name", "imagenet", "data.name='imagenet': must be one of 'folder', 'tar', 'digits'"),
+    ("data.name", "imagenet", "data.name='imagenet': must be one of 'folder', 'tar', 'arrayrecord', 'digits'"),
     ("data.aug", "flip", "data.aug='flip': must be one of 'rrc_flip', 'none'"),
     ("data.reprob", 1.5, "data.reprob=1.5: must be in [0, 1]"),
     ("model.name", "efficientvit_m9", "model: unknown model 'efficientvit_m9'"),
@@ -132,7 +132,7 @@ def test_unknown_and_missing_keys_are_named(tmp_path, nothing_built):
     assert [p.strip() for p in problems] == [
         "missing key data.reprob",
         "distill.teacher='efficientvit_m0': expected a group of keys (depth, distillation, "
-        "down_ops, drop_path_rate, drop_rate, embed_dim, in_chans, kernels, key_dim, name, "
+        "down_ops, drop_path_rate, drop_rate, embed_dim, impl, in_chans, kernels, key_dim, name, "
         "num_classes, num_heads, patch_size, pretrained, window_size)",
         "unknown key optim.lrr (did you mean optim.lr?)",
     ]

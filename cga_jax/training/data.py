@@ -24,12 +24,16 @@ import numpy as np
 from PIL import Image
 
 from cga_jax.preprocess import decode_image, eval_preprocess, list_image_folder
+from cga_jax.training.arrayrecord import ArrayRecordSource, is_shard_dir
 from cga_jax.training.erasing import erase_box
+from cga_jax.training.fast_decode import decode_crop, open_image
+from cga_jax.training.ra_params import encode_ops
 from cga_jax.training.randaugment import RandAugment
 from cga_jax.training.sampler import RepeatAugSampler
 from cga_jax.training.tar_source import TarSource
 
-SOURCES = ("folder", "tar", "digits")  # data.name
+SOURCES = ("folder", "tar", "arrayrecord", "digits")  # data.name
+DECODE_MODES = ("exact", "fast")  # data.decode
 AUG_MODES = ("rrc_flip", "none")  # data.aug: random-resized-crop + flip, or resize only
 
 
@@ -122,7 +126,15 @@ class TrainAugment(grain.RandomMapTransform):
     ``scale=None`` only resizes (the digits demo, where flips and crops would change the digit).
     Then, as timm's train transform: ``randaugment`` (a :class:`RandAugment`, on the PIL image),
     and with ``reprob > 0`` a random-erasing box in ``r["erase"]`` (int32 (4,), applied after
-    normalisation on the device, :mod:`cga_jax.training.erasing`). All randomness from ``rng``."""
+    normalisation on the device, :mod:`cga_jax.training.erasing`). All randomness from ``rng``.
+
+    ``mode="exact"`` takes decoded records (after :class:`Decode`) and resamples the box from the
+    full image, as timm; ``"fast"`` takes encoded records (``path`` / ``bytes``) and decodes
+    only as much as the box needs (:mod:`cga_jax.training.fast_decode`; decoded records take
+    the exact path). ``device_aug=True`` leaves the flip and RandAugment to the train step
+    (:mod:`cga_jax.training.device_augment`): the same draws are shipped as ``r["flip"]``
+    int32 and ``r["ra"]`` float32 (L, 9). Every mode makes the same draws in the same order,
+    so for one record rng the box, flip, ops and erasing box are the same."""
 
     def __init__(
         self,
@@ -132,11 +144,25 @@ class TrainAugment(grain.RandomMapTransform):
         flip: float = 0.5,
         randaugment: RandAugment | None = None,
         reprob: float = 0.0,
+        mode: str = "exact",
+        device_aug: bool = False,
     ):
+        if mode not in DECODE_MODES:
+            raise ValueError(f"decode mode must be 'exact' or 'fast', got {mode!r}")
         self.size, self.scale, self.ratio, self.flip = size, scale, ratio, flip
         self.randaugment, self.reprob = randaugment, reprob
+        self.mode, self.device_aug = mode, device_aug
 
-    def random_map(self, r, rng: np.random.Generator):
+    def _crop(self, r, rng: np.random.Generator):
+        """-> (uint8 (size, size, 3) or smaller/unchanged for scale=None, valid)."""
+        if "image" not in r:  # fast mode: the box from the header, then a reduced decode
+            try:
+                im = open_image(r["bytes"] if "bytes" in r else r["path"])
+                w, h = im.size
+                t, left, ch, cw = random_resized_crop_box(rng, h, w, self.scale, self.ratio)
+                return decode_crop(im, t, left, ch, cw, self.size), np.int32(1)
+            except Exception:  # noqa: BLE001 - unreadable: black, counted, as Decode does
+                return np.zeros((self.size, self.size, 3), np.uint8), np.int32(0)
         img = r["image"]
         h, w = img.shape[:2]
         if self.scale is not None:
@@ -147,11 +173,25 @@ class TrainAugment(grain.RandomMapTransform):
         if box != (0, 0, w, h) or (h, w) != (self.size, self.size):
             pil = Image.fromarray(img).resize((self.size, self.size), Image.BICUBIC, box=box)
             img = np.asarray(pil)
-        if self.flip > 0 and rng.uniform() < self.flip:
-            img = img[:, ::-1]
-        if self.randaugment is not None:
-            img = np.asarray(self.randaugment(Image.fromarray(np.ascontiguousarray(img)), rng))
-        out = {**r, "image": np.ascontiguousarray(img)}
+        return img, r.get("valid", np.int32(1))
+
+    def random_map(self, r, rng: np.random.Generator):
+        img, valid = self._crop(r, rng)
+        do_flip = self.flip > 0 and rng.uniform() < self.flip
+        out = {"label": r["label"], "valid": valid}
+        if self.device_aug:
+            out["flip"] = np.int32(do_flip)
+            if self.randaugment is not None:
+                ops = self.randaugment.draw(rng)
+                n = self.randaugment.cfg.num_layers
+                out["ra"] = encode_ops(ops, img.shape[0], img.shape[1], n)
+        else:
+            if do_flip:
+                img = img[:, ::-1]
+            if self.randaugment is not None:
+                pil = Image.fromarray(np.ascontiguousarray(img))
+                img = np.asarray(self.randaugment(pil, rng))
+        out["image"] = np.ascontiguousarray(img)
         if self.reprob > 0:
             out["erase"] = np.asarray(erase_box(rng, *img.shape[:2], prob=self.reprob), np.int32)
         return out
@@ -179,6 +219,8 @@ def make_source(cfg, split: str):
     path = os.path.join(d.root, d.train_dir if split == "train" else d.val_dir)
     if d.name == "tar" or path.endswith(".tar"):
         return TarSource(path)
+    if d.name == "arrayrecord" or is_shard_dir(path):
+        return ArrayRecordSource(path)
     return FolderSource(path)
 
 
@@ -187,7 +229,9 @@ def train_loader(cfg, source, process_index: int, process_count: int, seed: int)
 
     ``data.aug`` (crop and flip), ``data.randaugment`` (a ``rand-...`` string, "" for none),
     ``data.reprob`` (random erasing) and ``data.repeated_aug`` (> 1: :class:`RepeatAugSampler`)
-    follow timm / DeiT."""
+    follow timm / DeiT; ``data.decode`` ("exact" / "fast") and ``data.device_aug`` pick the
+    :class:`TrainAugment` mode; ``data.workers`` Grain worker processes, ``data.read_threads``
+    record-reading threads."""
     local_batch = cfg.batch_size // process_count
     d = cfg.data
     scale = None if d.aug == "none" else tuple(d.rrc_scale)
@@ -200,10 +244,28 @@ def train_loader(cfg, source, process_index: int, process_count: int, seed: int)
             num_records=len(source), shard_options=shard, shuffle=True, num_epochs=None, seed=seed
         )
     ra = RandAugment(d.randaugment, interpolation=d.interpolation) if d.randaugment else None
-    aug = TrainAugment(cfg.img_size, scale=scale, flip=flip, randaugment=ra, reprob=d.reprob)
-    ops = [Decode(), aug, grain.Batch(local_batch, drop_remainder=True)]
+    aug = TrainAugment(
+        cfg.img_size,
+        scale=scale,
+        flip=flip,
+        randaugment=ra,
+        reprob=d.reprob,
+        mode=d.decode,
+        device_aug=d.device_aug,
+    )
+    decode = [] if d.decode == "fast" and scale is not None else [Decode()]
+    ops = [*decode, aug, grain.Batch(local_batch, drop_remainder=True)]
+    # Records are paths or a few KB of bytes, decoded in the transforms (which run in the
+    # worker processes): read them in the calling thread. Grain's default read-ahead (16
+    # threads, 500 records) scans its whole buffer on every record, which cost more CPU than
+    # decoding here; ``data.read_threads`` > 0 brings it back for slow (remote) storage.
+    read = grain.ReadOptions(num_threads=d.read_threads, prefetch_buffer_size=4 * d.read_threads)
     return grain.DataLoader(
-        data_source=source, sampler=sampler, operations=ops, worker_count=d.workers
+        data_source=source,
+        sampler=sampler,
+        operations=ops,
+        worker_count=d.workers,
+        read_options=read,
     )
 
 

@@ -53,8 +53,9 @@ class Progress:
         if self.bar is not None:
             self.bar.update(1)
 
-    def report(self, step: int, loss: float, input_wait_s: float) -> None:
-        """``input_wait_s``: the run's total time waiting for batches so far."""
+    def report(self, step: int, loss: float, input_wait_s: float) -> float:
+        """``input_wait_s``: the run's total time waiting for batches so far. Returns the share
+        of the wall time since the previous report spent waiting (0: never)."""
         now = time.perf_counter()
         dt = max(now - self._time, 1e-9)
         ips = (step - self._step) * self.batch_size / dt
@@ -62,6 +63,7 @@ class Progress:
         self._time, self._step, self._wait = now, step, input_wait_s
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{ips:.0f}", wait=f"{wait:.0%}")
+        return min(1.0, wait)
 
     def write(self, message: str) -> None:
         if self.bar is not None:

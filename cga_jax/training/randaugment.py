@@ -217,8 +217,11 @@ class RandAugment:
             m = rng.normal(m, c.magnitude_std)
         return float(min(max(m, 0.0), c.magnitude_max or LEVEL_DENOM))
 
-    def __call__(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
-        ops = self.cfg.ops
+    def draw(self, rng: np.random.Generator) -> list[tuple[str, float | int | None, str]]:
+        """The ops applied to one image, in order: ``[(name, arg, interpolation)]`` (skipped
+        layers left out). :meth:`__call__` applies exactly these; the device path
+        (:mod:`cga_jax.training.device_augment`) ships them with the batch."""
+        ops, out = self.cfg.ops, []
         for k in rng.integers(0, len(ops), size=self.cfg.num_layers):
             if self.cfg.prob < 1.0 and rng.uniform() > self.cfg.prob:
                 continue
@@ -227,5 +230,10 @@ class RandAugment:
             interp = self.interpolation
             if interp == "random":
                 interp = ("bilinear", "bicubic")[int(rng.integers(0, 2))]
-            img = apply_op(img, ops[k], arg, self.fill, RESAMPLE[interp])
+            out.append((ops[k], arg, interp))
+        return out
+
+    def __call__(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
+        for name, arg, interp in self.draw(rng):
+            img = apply_op(img, name, arg, self.fill, RESAMPLE[interp])
         return img

@@ -13,6 +13,7 @@ installed wheel; ``configs/digits.py`` returns the same config to ``train.py``.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import ml_collections
 from ml_collections import config_dict
@@ -59,12 +60,20 @@ def imagenet_recipe() -> ml_collections.ConfigDict:
     c.model = model_spec("efficientvit_m0")
     c.data = ml_collections.ConfigDict(
         dict(
-            name="folder",  # "folder" (root/<split_dir>/<class>/<image>), "tar" or "digits"
+            # "folder" (root/<split_dir>/<class>/<image>), "tar", "arrayrecord" (``cga-jax pack``
+            # shards; a shard directory is recognised under any name) or "digits"
+            name="folder",
             root="/data/imagenet",
             train_dir="train",
             val_dir="val",
             split_seed=0,  # "digits": the seed of the fixed train/validation split
-            workers=8,  # Grain worker processes (0: decode in the training process)
+            # Grain worker processes (0: decode in the training process): this host's cores
+            # less one (the step and the prefetch thread); divide by the processes per host
+            workers=max(1, len(os.sched_getaffinity(0)) - 1),
+            read_threads=0,  # Grain record-reading threads (> 0 for slow, remote storage)
+            prefetch=2,  # batches put on the devices ahead of the step
+            decode="fast",  # reduced JPEG decode of the crop box; "exact": full decode as timm
+            device_aug=True,  # flip + RandAugment inside the jitted step; False: on the host
             aug="rrc_flip",  # random-resized-crop + flip, or "none" (resize only)
             rrc_scale=(0.08, 1.0),
             hflip=0.5,

@@ -17,6 +17,7 @@ import optax
 from flax import nnx
 
 from cga_jax.preprocess import normalize
+from cga_jax.training.device_augment import augment as device_augment
 from cga_jax.training.distill import distillation_loss
 from cga_jax.training.erasing import apply_erase
 from cga_jax.training.mixup import mix_batch, smooth_one_hot
@@ -46,7 +47,9 @@ def make_train_step(
 
     ``state``: ``{"params", "batch_stats", "opt_state", "ema", "step", "rng"}``; ``batch``:
     ``image`` uint8 (B, H, W, 3), ``label`` int (B,), ``valid`` int (B,) (0: an unreadable
-    image, left out of the loss), optionally ``erase`` int32 (B, 4) boxes; ``teacher``: the
+    image, left out of the loss), optionally ``erase`` int32 (B, 4) boxes and ``flip`` / ``ra``
+    (``data.device_aug``: :func:`~cga_jax.training.device_augment.augment` applies them before
+    normalising); ``teacher``: the
     teacher's ``(params, rest)`` for ``teacher_graphdef``, or None. ``metrics``: ``train_loss``,
     ``lr``, ``grad_norm``, ``bad_images``. Reads ``cfg.compute_dtype``, ``cfg.aug``,
     ``cfg.distill`` and ``cfg.ema_decay``.
@@ -59,7 +62,10 @@ def make_train_step(
 
     def train_step(state, batch, teacher=None):
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-        x = normalize(batch["image"])
+        images = batch["image"]
+        if "flip" in batch or "ra" in batch:  # data.device_aug: flip + RandAugment here
+            images = device_augment(batch)
+        x = normalize(images)
         if "erase" in batch:  # random erasing, after normalisation (boxes drawn by the loader)
             x = apply_erase(jax.random.fold_in(key, 1), x, batch["erase"])
         valid = batch["valid"].astype(jnp.float32)

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import signal
 import threading
-import time
 from collections.abc import Callable, Iterator
 
 import jax
@@ -37,11 +37,13 @@ from cga_jax.training.distill import build_teacher
 from cga_jax.training.logger import Logger, Progress, plot_curves
 from cga_jax.training.models import build_model
 from cga_jax.training.optim import ema_init, make_optimizer
+from cga_jax.training.prefetch import DevicePrefetcher
 from cga_jax.training.schedule import make_schedule
 from cga_jax.training.steps import make_eval_step, make_train_step
 from cga_jax.training.validate import check_config
 
-BATCH_KEYS = ("image", "label", "valid", "erase")  # what the steps read from a loader batch
+# what the steps read from a loader batch ("flip", "ra": data.device_aug's per-image parameters)
+BATCH_KEYS = ("image", "label", "valid", "erase", "flip", "ra")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -140,27 +142,40 @@ def to_global(local: dict, sharding: NamedSharding) -> dict[str, jax.Array]:
 
 
 class Feeder:
-    """The training input: this process's next batch of the Grain loader as global arrays.
+    """The training input: this process's batches of the Grain loader as global arrays, put on
+    the devices ``prefetch`` batches ahead of the step by a background thread
+    (:class:`~cga_jax.training.prefetch.DevicePrefetcher`).
 
-    ``wait_s`` sums the time spent waiting for the loader; ``get_state`` / ``set_state`` are the
-    loader's iterator state, which the checkpoints hold."""
+    ``wait_s`` sums the time the step waited for a batch; ``get_state`` / ``set_state`` are the
+    loader's iterator state after the last batch *handed to the step* (what a checkpoint holds);
+    ``set_state`` must come before the first ``next``."""
 
-    def __init__(self, loader, sharding: NamedSharding):
+    def __init__(self, loader, sharding: NamedSharding, prefetch: int):
         self._iterator = iter(loader)
         self.sharding = sharding
+        self.prefetch = prefetch
+        self._feed: DevicePrefetcher | None = None
         self.wait_s = 0.0
 
     def next(self) -> dict[str, jax.Array]:
-        t0 = time.perf_counter()
-        local = next(self._iterator)
-        self.wait_s += time.perf_counter() - t0
-        return to_global(local, self.sharding)
+        if self._feed is None:
+            to_device = functools.partial(to_global, sharding=self.sharding)
+            self._feed = DevicePrefetcher(self._iterator, to_device, self.prefetch)
+        batch = next(self._feed)
+        self.wait_s += self._feed.take_wait()
+        return batch
 
     def get_state(self) -> bytes:
-        return self._iterator.get_state()
+        return self._iterator.get_state() if self._feed is None else self._feed.state
 
     def set_state(self, state: bytes) -> None:
+        if self._feed is not None:
+            raise RuntimeError("Feeder.set_state after the first batch")
         self._iterator.set_state(state)
+
+    def close(self) -> None:
+        if self._feed is not None:
+            self._feed.close()
 
 
 def evaluate(program: Program, models: dict, batches: Iterator[dict], sharding) -> dict:
@@ -235,7 +250,9 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
     replicated = NamedSharding(mesh, P())  # the teacher is a non-donated argument of the step
     teacher_state = None if teacher is None else jax.device_put(teacher.state, replicated)
     feeder = Feeder(
-        data_lib.train_loader(cfg, train_src, pid, nproc, seed=cfg.seed), batch_sharding
+        data_lib.train_loader(cfg, train_src, pid, nproc, seed=cfg.seed),
+        batch_sharding,
+        cfg.data.prefetch,
     )
 
     ckpts = Checkpoints(workdir, cfg.keep_checkpoints)
@@ -264,7 +281,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
 
                 if step % cfg.log_every == 0 or evaluate_now or save_now:
                     loss = write_metrics(pending, log, ckpts)["train_loss"]
-                    progress.report(step, loss, feeder.wait_s)
+                    log.write(step, input_wait=progress.report(step, loss, feeder.wait_s))
                     pending = []
                 progress.advance()
 
@@ -292,6 +309,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
                     result["preempted"] = True
                     break
     finally:
+        feeder.close()
         ckpts.wait()
         progress.close()
         log.close()

@@ -13,7 +13,7 @@ import difflib
 
 import ml_collections
 
-from cga_jax.training.data import AUG_MODES, SOURCES
+from cga_jax.training.data import AUG_MODES, DECODE_MODES, SOURCES
 from cga_jax.training.distill import KINDS
 from cga_jax.training.models import model_config
 from cga_jax.training.randaugment import INTERPOLATIONS, parse_rand_augment
@@ -94,6 +94,7 @@ def value_problems(cfg) -> list[str]:
     choice("distill.kind", k.kind, KINDS)
     choice("data.name", d.name, SOURCES)
     choice("data.aug", d.aug, AUG_MODES)
+    choice("data.decode", d.decode, DECODE_MODES)
     choice("data.interpolation", d.interpolation, INTERPOLATIONS)
     if d.randaugment:
         try:
@@ -105,6 +106,8 @@ def value_problems(cfg) -> list[str]:
         at_least(path, cfg[path], 1)
     at_least("total_steps", cfg.total_steps, 0)
     at_least("data.workers", d.workers, 0)
+    at_least("data.read_threads", d.read_threads, 0)
+    at_least("data.prefetch", d.prefetch, 1)
     at_least("data.repeated_aug", d.repeated_aug, 1)
     fraction("data.hflip", d.hflip)
     fraction("data.reprob", d.reprob)
