@@ -12,16 +12,19 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 OUT_DIR=${OUT:-bench/results}
 BUDGET_S=450        # the Python steps; + installation and start-up stay inside 8 minutes
-HARD_LIMIT_S=470    # the last resort if the Python guard fails
 mkdir -p "$OUT_DIR"
 name=device_check
 dry=0
+prev=
 for a in "$@"; do
   case "$a" in
     --cpu) name=device_check_cpu ;;
     --dry-run) dry=1 ;;
   esac
+  if [ "$prev" = --budget-s ]; then BUDGET_S=$a; fi
+  prev=$a
 done
+HARD_LIMIT_S=$(( ${BUDGET_S%.*} + 20 ))  # the last resort if the Python guard fails
 LOG="$OUT_DIR/$name.log"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if [ "$dry" = 0 ] && compgen -G ".whl/*.whl" > /dev/null; then

