@@ -56,7 +56,8 @@ def _section_table(results: list[dict[str, Any]], first_call: bool = True) -> li
     )
     accel = any(r.get("device", "cpu") != "cpu" for r in results)
     head = ["model"] + (["batch"] if accel else []) + [f"{lbl} img/s" for lbl in labels]
-    head += [f"{k} (≥{targets[k]:g}×)" if targets[k] else k for k in ratio_keys]
+    names = {k: k if " vs " in k else f"vs {k}" for k in ratio_keys}  # "vs X": cga_jax / X
+    head += [f"{names[k]} (≥{targets[k]:g}×)" if targets[k] else names[k] for k in ratio_keys]
     head += [f"{label} / ({what}) (≥1×)" for label, what in absolute]
     train = bool(results) and results[0]["task"] == "train"
     if train and any("memory" in r for r in ok):
