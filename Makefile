@@ -9,7 +9,7 @@ ALL_STAMP := $(VENV)/.installed-all
 # glibc allocator tunables for CPU training (bench/malloc.py: huge pages, no munmap per step)
 CPU_MALLOC := GLIBC_TUNABLES=glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=68719476736
 
-.PHONY: setup demo test test-all lint bench clean
+.PHONY: setup demo test test-all lint bench bench-gpu device-check clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -40,8 +40,17 @@ lint: $(ALL_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# the benchmark gives every contestant process bench/malloc.py's tunables itself
 bench: $(ALL_STAMP)
 	$(BIN)/python -m bench.run
+
+# the accelerator section on this machine's GPU (docs/bench.md, "GPU/TPU protocol")
+bench-gpu: $(ALL_STAMP)
+	$(BIN)/python -m bench.run --only gpu
+
+# a bare GPU machine without network: parity on the GPU + the GPU section in < 8 min
+device-check:
+	bash bench/device_check.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

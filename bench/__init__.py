@@ -1,4 +1,5 @@
-"""Benchmark harness: cga_jax vs PyTorch (timm) and ONNX Runtime on CPU.
+"""Benchmark harness: cga_jax vs PyTorch (timm) and ONNX Runtime, on the CPU and on a GPU.
 
-Entry point: ``python -m bench.run`` (``make bench``); see ``docs/bench.md``.
+Entry points: ``python -m bench.run`` (``make bench``; ``--only gpu`` for the accelerator
+section) and ``bash bench/device_check.sh`` (a bare GPU machine); see ``docs/bench.md``.
 """

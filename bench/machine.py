@@ -5,11 +5,20 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import platform
+import re
+import shutil
+import subprocess
 import time
 
 from cga_jax.xla_options import cpuinfo_flags
 
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy", "torch", "timm", "onnx", "onnxruntime")
+# reported only when installed: the accelerator runtimes
+ACCEL_PACKAGES = (
+    "jax-cuda12-plugin", "jax-cuda12-pjrt", "jax-cuda13-plugin", "jax-cuda13-pjrt", "libtpu",
+    "nvidia-cudnn-cu12", "nvidia-cudnn-cu13", "nvidia-cublas-cu12", "nvidia-cublas", "triton",
+)  # fmt: skip
+GPU_QUERY = ("name", "memory.total", "driver_version", "pci.bus_id", "clocks.max.sm", "power.limit")
 
 
 def _cpuinfo() -> dict[str, str | int]:
@@ -60,12 +69,37 @@ def _governor() -> str | None:
 
 def versions() -> dict[str, str]:
     found = {}
-    for name in PACKAGES:
+    for name in PACKAGES + ACCEL_PACKAGES:
         try:
             found[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
-            found[name] = "absent"
+            if name in PACKAGES:
+                found[name] = "absent"
     return found
+
+
+def gpus() -> list[dict[str, str]]:
+    """``nvidia-smi``'s view of the NVIDIA GPUs (name, memory, driver, the driver's CUDA
+    version...); empty without ``nvidia-smi``."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return []
+    try:
+        rows = subprocess.run(
+            [exe, f"--query-gpu={','.join(GPU_QUERY)}", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=30, check=True,
+        ).stdout  # fmt: skip
+        header = subprocess.run([exe], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    cuda = re.search(r"CUDA Version:\s*([\d.]+)", header)
+    out = []
+    for line in rows.strip().splitlines():
+        values = [v.strip() for v in line.split(",")]
+        gpu = dict(zip(GPU_QUERY, values, strict=False))
+        gpu["cuda_driver_api"] = cuda.group(1) if cuda else "?"
+        out.append(gpu)
+    return out
 
 
 def load_average() -> tuple[float, float, float] | None:
@@ -88,6 +122,7 @@ def describe() -> dict:
         "os": f"{platform.system()} {platform.release()}",
         "python": platform.python_version(),
         "versions": versions(),
+        "gpus": gpus(),
         "load_average_start": load_average(),
     }
 
@@ -105,4 +140,28 @@ def summary_lines(desc: dict) -> list[str]:
         f"- load average at start {desc.get('load_average_start')}, "
         f"at end {desc.get('load_average_end')}",
     ]
+    for i, g in enumerate(desc.get("gpus") or []):
+        lines.append(
+            f"- GPU {i}: {g.get('name', '?')}, {g.get('memory.total', '?')}, driver "
+            f"{g.get('driver_version', '?')} (CUDA {g.get('cuda_driver_api', '?')}), max SM clock "
+            f"{g.get('clocks.max.sm', '?')}, power limit {g.get('power.limit', '?')}"
+        )
+    return lines
+
+
+def accelerator_lines(hellos: dict[str, dict]) -> list[str]:
+    """Markdown lines: what each accelerator worker ran on (its ``setup()`` reply)."""
+    lines = []
+    for kind, hello in sorted(hellos.items()):
+        info = hello.get("platform") or {}
+        if kind == "cga_jax":
+            lines.append(
+                f"- JAX: backend `{info.get('jax_backend')}`, device `{info.get('device_kind')}` "
+                f"(x{info.get('device_count')}), runtime `{info.get('platform_version', '?')}`"
+            )
+        elif kind == "torch":
+            lines.append(
+                f"- PyTorch {info.get('torch')}: device {info.get('device', 'cpu')}, CUDA "
+                f"{info.get('cuda', '-')}, cuDNN {info.get('cudnn', '-')}"
+            )
     return lines

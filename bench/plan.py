@@ -1,46 +1,20 @@
-"""What is measured: sections -> cases (one model, batch, thread count) -> contestants."""
+"""What is measured: sections -> cases (one model, batch, thread count) -> contestants.
+
+Every section is a :class:`~bench.cases.Section` in :data:`REGISTRY`; the CPU sections are
+defined here, the accelerator section in :mod:`bench.plan_gpu`. A new section is one module with
+a ``Section`` and one entry in :data:`REGISTRY`.
+"""
 
 from __future__ import annotations
 
-import dataclasses
+from typing import Any
+
+from bench import plan_gpu
+from bench.cases import JAX, Case, Contestant, Section, scaled, short
+
+__all__ = ["ALL_VARIANTS", "JAX", "REGISTRY", "Case", "Contestant", "Section", "short"]
 
 ALL_VARIANTS = tuple(f"efficientvit_m{i}" for i in range(6))
-SECTIONS = ("official", "threads2", "train", "compile")
-JAX = "cga_jax"
-
-
-@dataclasses.dataclass(frozen=True)
-class Contestant:
-    label: str  # shown in the report, e.g. "PyTorch traced"
-    kind: str  # worker module: cga_jax | torch | ort
-    mode: str  # cga_jax: folded | sharded | unfolded; torch: traced | eager; ort: onnx; train
-
-    def devices(self, threads: int) -> int:
-        """XLA host devices of a cga_jax process: one per thread for ``sharded``, else one."""
-        return threads if self.kind == "cga_jax" and self.mode == "sharded" else 1
-
-
-@dataclasses.dataclass(frozen=True)
-class Case:
-    section: str
-    variant: str
-    task: str  # infer | train
-    batch: int
-    threads: int
-    contestants: tuple[Contestant, ...]
-    iters: int  # iterations per timed repeat
-    repeats: int | None = None  # None: the run's --repeats; 0: first call only (compile)
-    targets: tuple[tuple[str, float], ...] = ()  # (baseline label, min cga_jax/baseline)
-    compile_target_s: float | None = None  # max first-call time of cga_jax
-
-    @property
-    def name(self) -> str:
-        return f"{self.section}-{short(self.variant)}-{self.task}-b{self.batch}-t{self.threads}"
-
-
-def short(variant: str) -> str:
-    return variant.rsplit("_", 1)[-1]
-
 
 JAX_FOLDED = Contestant(JAX, "cga_jax", "folded")
 # Data-parallel over one XLA host device per thread, the batch sharded (as cga_jax.evaluate runs
@@ -53,49 +27,64 @@ TORCH_EAGER = Contestant("PyTorch eager", "torch", "eager")
 TORCH_TRAIN = Contestant("PyTorch eager", "torch", "train")
 ORT = Contestant("ONNX Runtime", "ort", "onnx")
 
-SECTION_TITLES = {
-    "official": "1. Official CPU protocol: BN folded, 1 thread, batch 16, 224x224",
-    "threads2": "2. Inference, 2 threads, batch 64, BN folded",
-    "train": "3. Training step (fwd + bwd + AdamW), 2 threads, batch 64",
-    "compile": "4. Compile time: first call of the jitted function (cga_jax)",
-}
+
+def _official(v: str, opts: dict[str, Any]) -> list[Case]:
+    return [
+        Case("official", v, "infer", 16, 1, (JAX_FOLDED, TORCH_TRACED), scaled(30, opts),
+             targets=(("PyTorch traced", 1.3),))
+    ]  # fmt: skip
 
 
-def build_plan(variants: dict[str, tuple[str, ...]], scale: float = 1.0) -> list[Case]:
-    """``variants``: section -> variants to run (sections absent are skipped)."""
-
-    def n(iters: int) -> int:
-        return max(1, round(iters * scale))
-
-    cases: list[Case] = []
-    for v in variants.get("official", ()):
-        cases.append(
-            Case("official", v, "infer", 16, 1, (JAX_FOLDED, TORCH_TRACED), n(30),
-                 targets=(("PyTorch traced", 1.3),))
-        )  # fmt: skip
-    for v in variants.get("threads2", ()):
-        cases.append(
-            Case("threads2", v, "infer", 64, 2, (JAX_SHARDED, JAX_ONE_DEVICE, TORCH_EAGER, ORT),
-                 n(8),
-                 targets=(("PyTorch eager", 1.3), ("ONNX Runtime", 1.0)))
-        )  # fmt: skip
-    for v in variants.get("train", ()):
-        cases.append(
-            Case("train", v, "train", 64, 2, (JAX_TRAIN, TORCH_TRAIN), n(3),
-                 targets=(("PyTorch eager", 1.3),))
-        )  # fmt: skip
-    for v in variants.get("compile", ()):
-        cases.append(Case("compile", v, "infer", 16, 2, (JAX_FOLDED,), 1, 0, compile_target_s=15))
-        cases.append(Case("compile", v, "train", 64, 2, (JAX_TRAIN,), 1, 0, compile_target_s=45))
-    return cases
+def _threads2(v: str, opts: dict[str, Any]) -> list[Case]:
+    return [
+        Case("threads2", v, "infer", 64, 2, (JAX_SHARDED, JAX_ONE_DEVICE, TORCH_EAGER, ORT),
+             scaled(8, opts), targets=(("PyTorch eager", 1.3), ("ONNX Runtime", 1.0)))
+    ]  # fmt: skip
 
 
-DEFAULT_VARIANTS: dict[str, tuple[str, ...]] = {
-    "official": ALL_VARIANTS,
-    "threads2": ("efficientvit_m0", "efficientvit_m4"),
-    "train": ("efficientvit_m0", "efficientvit_m4"),
-    "compile": ("efficientvit_m5",),
-}
+def _train(v: str, opts: dict[str, Any]) -> list[Case]:
+    return [
+        Case("train", v, "train", 64, 2, (JAX_TRAIN, TORCH_TRAIN), scaled(3, opts),
+             targets=(("PyTorch eager", 1.3),))
+    ]  # fmt: skip
+
+
+def _compile(v: str, opts: dict[str, Any]) -> list[Case]:
+    return [
+        Case("compile", v, "infer", 16, 2, (JAX_FOLDED,), 1, 0, compile_target_s=15),
+        Case("compile", v, "train", 64, 2, (JAX_TRAIN,), 1, 0, compile_target_s=45),
+    ]
+
+
+M0_M4 = ("efficientvit_m0", "efficientvit_m4")
+REGISTRY: dict[str, Section] = {
+    s.name: s
+    for s in (
+        Section("official", "1. Official CPU protocol: BN folded, 1 thread, batch 16, 224x224",
+                ALL_VARIANTS, _official),
+        Section("threads2", "2. Inference, 2 threads, batch 64, BN folded", M0_M4, _threads2),
+        Section("train", "3. Training step (fwd + bwd + AdamW), 2 threads, batch 64", M0_M4,
+                _train),
+        Section("compile", "4. Compile time: first call of the jitted function (cga_jax)",
+                ("efficientvit_m5",), _compile),
+        plan_gpu.SECTION,
+    )
+}  # fmt: skip
+SECTIONS = tuple(REGISTRY)
+SECTION_TITLES = {name: s.title for name, s in REGISTRY.items()}
+DEFAULT_VARIANTS = {name: s.variants for name, s in REGISTRY.items() if s.in_default_run}
+
+
+def build_plan(
+    variants: dict[str, tuple[str, ...]], opts: dict[str, Any] | float | None = None
+) -> list[Case]:
+    """``variants``: section -> variants to run (sections absent are skipped), in that order.
+    ``opts``: the run's options that sections read (``iters_scale``, GPU batch sizes...); a
+    number is taken as ``iters_scale``."""
+    if not isinstance(opts, dict):
+        opts = {"iters_scale": 1.0 if opts is None else float(opts)}
+    return [case for section, vs in variants.items() for v in vs
+            for case in REGISTRY[section].make(v, opts)]  # fmt: skip
 
 
 def _variant(token: str) -> str | None:
@@ -110,13 +99,14 @@ def _variant(token: str) -> str | None:
 def parse_only(items: list[str] | None) -> dict[str, tuple[str, ...]]:
     """``--only`` tokens (comma-separated, repeatable): ``SECTION`` (its default variants),
     ``SECTION:VARIANT[+VARIANT]`` (those variants in that section), ``VARIANT`` (keep only these
-    variants in whichever sections are chosen). Variants: ``m0`` or ``efficientvit_m0``."""
+    variants in whichever sections are chosen; with no section named, in the default run's
+    sections). Variants: ``m0`` or ``efficientvit_m0``."""
     chosen: dict[str, list[str]] = {}
     keep: set[str] = set()
     tokens = [t.strip() for item in items or [] for t in item.split(",") if t.strip()]
     for token in tokens:
         section, _, vs = token.partition(":")
-        if section in SECTIONS:
+        if section in REGISTRY:
             if vs:
                 for v in vs.split("+"):
                     full = _variant(v)
@@ -124,13 +114,13 @@ def parse_only(items: list[str] | None) -> dict[str, tuple[str, ...]]:
                         raise ValueError(f"--only {token}: unknown variant {v!r}")
                     chosen.setdefault(section, []).append(full)
             else:
-                chosen.setdefault(section, []).extend(DEFAULT_VARIANTS[section])
+                chosen.setdefault(section, []).extend(REGISTRY[section].variants)
         elif (full := _variant(token)) is not None:
             keep.add(full)
         else:
-            raise ValueError(f"--only {token}: not a section ({', '.join(SECTIONS)}) or variant")
-    if not chosen:  # only bare variants (or nothing): every section
-        chosen = {s: list(keep) if keep else list(DEFAULT_VARIANTS[s]) for s in SECTIONS}
+            raise ValueError(f"--only {token}: not a section ({', '.join(REGISTRY)}) or variant")
+    if not chosen:  # only bare variants (or nothing): every section of the default run
+        chosen = {s: list(keep) if keep else list(vs) for s, vs in DEFAULT_VARIANTS.items()}
     out = {}
     for section, vs in chosen.items():
         vs = [v for v in dict.fromkeys(vs) if not keep or v in keep]

@@ -4,7 +4,8 @@
   every framework so that all of them compute the same function;
 * ``<variant>_b<batch>.onnx``: the BN-fused timm model exported with a fixed batch (opset 17).
 
-Usage: ``python -m bench.prepare VARIANT OUT_DIR [--onnx-batch B ...]``.
+Usage: ``python -m bench.prepare VARIANT[,VARIANT...] OUT_DIR [--onnx-batch B ...]`` (the ONNX
+batches apply to every variant named).
 """
 
 from __future__ import annotations
@@ -79,18 +80,19 @@ def export_onnx(variant: str, weights: pathlib.Path, batch: int, path: pathlib.P
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("variant")
+    ap.add_argument("variants", help="comma-separated")
     ap.add_argument("out_dir", type=pathlib.Path)
     ap.add_argument("--onnx-batch", type=int, action="append", default=[])
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
-    weights = args.out_dir / f"{args.variant}.npz"
-    if not weights.exists():
-        save_weights(args.variant, weights)
-    for b in args.onnx_batch:
-        onnx_path = args.out_dir / f"{args.variant}_b{b}.onnx"
-        if not onnx_path.exists():
-            export_onnx(args.variant, weights, b, onnx_path)
+    for variant in args.variants.split(","):
+        weights = args.out_dir / f"{variant}.npz"
+        if not weights.exists():
+            save_weights(variant, weights)
+        for b in args.onnx_batch:
+            onnx_path = args.out_dir / f"{variant}_b{b}.onnx"
+            if not onnx_path.exists():
+                export_onnx(variant, weights, b, onnx_path)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,10 @@ from bench.common import inputs_nchw
 from bench.worker_api import Task
 
 
+def setup(proc: dict[str, Any]) -> dict[str, Any]:
+    return {"onnxruntime": ort.__version__}
+
+
 def build(spec: dict[str, Any]) -> Task:
     if spec["task"] != "infer":
         raise ValueError("onnxruntime runs inference only")
@@ -28,3 +32,19 @@ def build(spec: dict[str, Any]) -> Task:
 
     info = {"intra_op_num_threads": spec["threads"], "providers": sess.get_providers()}
     return Task(step=step, images_per_step=spec["batch"], info=info)
+
+
+def is_oom(exc: BaseException) -> bool:
+    return False
+
+
+def release() -> None:
+    """Nothing held beyond the session, which the caller drops."""
+
+
+def reset_peak_memory() -> None:
+    """CPU only: the process's peak RSS is the measure."""
+
+
+def device_memory() -> dict[str, Any]:
+    return {}
