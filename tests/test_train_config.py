@@ -82,7 +82,11 @@ BAD = [
     ("data.randaugment", "rand-m9-x2", "data.randaugment='rand-m9-x2': bad RandAugment section"),
     ("data.randaugment", "augmix-m5", "must start with 'rand-'"),
     ("data.interpolation", "nearest", "data.interpolation='nearest': must be one of"),
-    ("data.name", "imagenet", "data.name='imagenet': must be one of 'folder', 'tar', 'arrayrecord', 'digits'"),
+    (
+        "data.name",
+        "imagenet",
+        "data.name='imagenet': must be one of 'folder', 'tar', 'arrayrecord', 'digits'",
+    ),
     ("data.aug", "flip", "data.aug='flip': must be one of 'rrc_flip', 'none'"),
     ("data.reprob", 1.5, "data.reprob=1.5: must be in [0, 1]"),
     ("model.name", "efficientvit_m9", "model: unknown model 'efficientvit_m9'"),
