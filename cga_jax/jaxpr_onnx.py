@@ -71,13 +71,17 @@ class Converter:
         with ``full`` any pending broadcast is carried out (``Expand``)."""
         perm = tuple(perm)
         if v.is_const:
+            static = not any(is_symbolic(d) for d in v.shape)
             arr = v.const
-            if full and v.pending:
-                arr = np.broadcast_to(arr, [size_of(d, self.batch) for d in v.shape])
-            key = (id(v.const), perm, full)
+            if full and v.pending and static:
+                arr = np.broadcast_to(arr, [int(d) for d in v.shape])
+            key = (id(v.const), perm, full and static)
             if key not in self._consts:
                 self._consts[key] = (v.const, self.g.const(np.transpose(arr, perm)))
-            return self._consts[key][1]
+            name = self._consts[key][1]
+            if full and v.pending and not static:
+                name = self.g.op("Expand", name, self.shape_tensor([v.shape[a] for a in perm]))
+            return name
         name = v.name
         if v.perm != perm:
             key = (name, perm)
@@ -167,7 +171,10 @@ class Converter:
         if sub is not None and hasattr(sub, "jaxpr"):
             consts = [constant(to_numpy(c)) for c in sub.consts]
             return self.run(sub.jaxpr, consts, ins)
-        if all(v.is_const for v in ins):
+        if all(v.is_const for v in ins) and not any(
+            is_symbolic(d) for a in (*ins, *eqn.outvars) for d in (a.shape if isinstance(a, Val)
+                                                                     else aval_of(a)[0])
+        ):  # fmt: skip
             return fold(eqn, ins)
         rule = RULES.get(prim)
         if rule is None:
@@ -414,26 +421,29 @@ def _slice(c: Converter, eqn: Any, ins: list[Val], uses: dict) -> Val:
 
 
 def _gather(c: Converter, eqn: Any, ins: list[Val], uses: dict) -> Val:
-    """Only the gather that slices one axis at a constant offset (how ``x[..., a:b]`` lowers
-    with a symbolic batch)."""
+    """Only the gather that slices axes at constant offsets (how ``x[:, a:b]`` lowers with a
+    symbolic batch)."""
     x, idx = ins
     dn = eqn.params["dimension_numbers"]
     sizes = eqn.params["slice_sizes"]
+    axes = tuple(dn.start_index_map)
     ok = (
-        idx.is_const and idx.const.size == 1
+        idx.is_const and idx.const.size == len(axes)
         and tuple(dn.offset_dims) == tuple(range(x.rank)) and not dn.collapsed_slice_dims
-        and not dn.operand_batching_dims and len(dn.start_index_map) == 1
+        and not dn.operand_batching_dims
+        and all(same_dim(sizes[a], x.shape[a]) for a in range(x.rank) if a not in axes)
+        and not any(is_symbolic(x.shape[a]) or is_symbolic(sizes[a]) for a in axes)
     )  # fmt: skip
-    if ok:
-        (axis,) = dn.start_index_map
-        ok = all(same_dim(sizes[a], x.shape[a]) for a in range(x.rank) if a != axis)
-    if not ok or is_symbolic(x.shape[axis]):
+    if not ok:
         raise NotImplementedError("ONNX export: general gather on a non-constant operand")
-    n, size = int(x.shape[axis]), int(sizes[axis])
-    start = min(max(int(idx.const.reshape(())), 0), n - size)  # XLA clamps the start
+    starts, ends = [], []
+    for a, i in zip(axes, idx.const.reshape(-1), strict=True):
+        n, size = int(x.shape[a]), int(sizes[a])
+        starts.append(min(max(int(i), 0), n - size))  # XLA clamps the start
+        ends.append(starts[-1] + size)
     g = c.g
-    y = g.op("Slice", c.own(x), g.const([start]), g.const([start + size]),
-             g.const([x.perm.index(axis)]))  # fmt: skip
+    y = g.op("Slice", c.own(x), g.const(starts), g.const(ends),
+             g.const([x.perm.index(a) for a in axes]))  # fmt: skip
     return c.out(y, eqn.outvars[0], x.perm)
 
 
@@ -663,6 +673,8 @@ def convert_closed_jaxpr(
     opset: int,
     batch: Any = None,
 ) -> list[Val]:
-    """Convert ``closed`` applied to ``inputs`` into ``graph``; returns the output values
-    (possibly stored transposed: the caller brings them to logical order)."""
-    return Converter(graph, opset, batch).convert(closed, list(inputs))
+    """Convert ``closed`` applied to ``inputs`` into ``graph``; returns the outputs as plain
+    tensors in logical axis order (transposed and broadcast where needed)."""
+    c = Converter(graph, opset, batch)
+    outs = c.convert(closed, list(inputs))
+    return [tensor(c.in_perm(v, range(v.rank), full=True), v.shape, v.dtype) for v in outs]

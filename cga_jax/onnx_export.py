@@ -10,7 +10,7 @@ docs/deploy.md.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -23,7 +23,7 @@ from cga_jax.fuse import fuse_bn
 from cga_jax.jaxpr_onnx import MIN_OPSET, convert_closed_jaxpr
 from cga_jax.layers import set_impl
 from cga_jax.onnx_graph import GraphBuilder, Node
-from cga_jax.onnx_values import tensor
+from cga_jax.onnx_values import is_symbolic, tensor
 
 LAYOUTS = ("NHWC", "NCHW")
 DEFAULT_OPSET = 17
@@ -43,23 +43,69 @@ def parse_img_size(value: int | str | Sequence[int]) -> tuple[int, int]:
     return int(hw[0]), int(hw[1])
 
 
-def _check_args(batch: int | None, opset: int, input_layout: str) -> None:
-    import onnx
-
-    if batch is not None and (not isinstance(batch, int | np.integer) or batch < 1):
-        raise ValueError(f"batch must be None (dynamic) or a positive int, got {batch!r}")
-    newest = onnx.defs.onnx_opset_version()
-    if not MIN_OPSET <= opset <= newest:
-        raise ValueError(f"opset must be in [{MIN_OPSET}, {newest}] (this onnx), got {opset}")
-    if input_layout not in LAYOUTS:
-        raise ValueError(f"input_layout must be one of {LAYOUTS}, got {input_layout!r}")
-
-
 def inference_copy(model: nnx.Module, fuse: bool = True) -> nnx.Module:
     """An eval-mode copy of ``model`` (BN folded when ``fuse``) on the standard primitives."""
     m = fuse_bn(model) if fuse else nnx.merge(*nnx.split(model))
     m.eval()
     return set_impl(m, "standard")
+
+
+def function_to_onnx(
+    fn: Callable[..., Any],
+    input_shapes: Sequence[Sequence[int | None]],
+    *,
+    opset: int = DEFAULT_OPSET,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+    nchw_inputs: Sequence[int] = (),
+    graph_name: str = "cga_jax",
+    doc: str = "",
+    metadata: dict[str, str] | None = None,
+) -> Any:
+    """ONNX graph of a JAX function of float32 arrays (weights closed over become constants).
+
+    ``input_shapes``: one shape per argument; ``None`` as the first size of every input that has
+    one makes a dynamic batch (named ``"batch"``), shared by all of them. Inputs listed in
+    ``nchw_inputs`` (rank 4, NHWC for ``fn``) are NCHW in the graph. Returns the checked
+    ``onnx.ModelProto``; its outputs are ``fn``'s, in order.
+    """
+    import onnx
+
+    newest = onnx.defs.onnx_opset_version()
+    if not MIN_OPSET <= opset <= newest:
+        raise ValueError(f"opset must be in [{MIN_OPSET}, {newest}] (this onnx), got {opset}")
+    dynamic = any(s and s[0] is None for s in input_shapes)
+    b = jax.export.symbolic_shape(BATCH_NAME)[0] if dynamic else None
+    shapes = [tuple(b if d is None else int(d) for d in s) for s in input_shapes]
+    closed = jax.make_jaxpr(fn)(*(jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes))
+    in_names = list(input_names or [f"input_{i}" for i in range(len(shapes))])
+    args = []
+    for i, (name, shape) in enumerate(zip(in_names, shapes, strict=True)):
+        nchw = i in nchw_inputs
+        if nchw and len(shape) != 4:
+            raise ValueError(f"input {i}: only rank-4 (NHWC) inputs can be given as NCHW")
+        args.append(tensor(name, shape, np.float32, (0, 3, 1, 2) if nchw else ()))
+    g = GraphBuilder()
+    outs = convert_closed_jaxpr(closed, args, g, opset=opset, batch=b)
+    out_names = list(output_names or [f"output_{i}" for i in range(len(outs))])
+    if len(out_names) != len(outs):
+        raise ValueError(f"{len(out_names)} output names for {len(outs)} outputs")
+    for out, name in zip(outs, out_names, strict=True):
+        g.nodes.append(Node("Identity", [out.name], [name], {}))
+
+    def dims(shape: Sequence[Any], perm: Sequence[int]) -> list[int | str]:
+        return [BATCH_NAME if is_symbolic(shape[a]) else int(shape[a]) for a in perm]
+
+    proto = g.to_model(
+        [(a.name, np.float32, dims(a.shape, a.perm)) for a in args],
+        [(n, o.dtype, dims(o.shape, o.perm)) for n, o in zip(out_names, outs, strict=True)],
+        opset=opset,
+        graph_name=graph_name,
+        doc=doc,
+        metadata=metadata,
+    )
+    onnx.checker.check_model(proto, full_check=True)
+    return proto
 
 
 def to_onnx_model(
@@ -71,46 +117,31 @@ def to_onnx_model(
     input_layout: str = "NHWC",
     fuse: bool = True,
 ) -> Any:
-    """The ``onnx.ModelProto`` of ``model`` (see :func:`export_onnx`), checked."""
-    import onnx
-
-    _check_args(batch, opset, input_layout)
+    """The checked ``onnx.ModelProto`` of ``model`` (see :func:`export_onnx`)."""
+    if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
+        raise ValueError(f"batch must be None (dynamic) or a positive int, got {batch!r}")
+    if input_layout not in LAYOUTS:
+        raise ValueError(f"input_layout must be one of {LAYOUTS}, got {input_layout!r}")
     h, w = parse_img_size(img_size if img_size is not None else model.cfg.img_hw)
-    chans = model.cfg.in_chans
     m = inference_copy(model, fuse)
     graphdef, state = nnx.split(m)
 
     def forward(x: jax.Array) -> jax.Array:
         return nnx.merge(graphdef, state)(x)
 
-    b = jax.export.symbolic_shape(BATCH_NAME)[0] if batch is None else int(batch)
-    closed = jax.make_jaxpr(forward)(jax.ShapeDtypeStruct((b, h, w, chans), jnp.float32))
-    g = GraphBuilder()
-    nchw = input_layout == "NCHW"
-    x = tensor("input", (b, h, w, chans), np.float32, (0, 3, 1, 2) if nchw else ())
-    (out,) = convert_closed_jaxpr(closed, [x], g, opset=opset, batch=None if batch else b)
     name = "logits" if m.num_classes > 0 else "features"
-    g.nodes.append(_identity(g, out, name))
-    dim = BATCH_NAME if batch is None else int(batch)
-    in_shape = [dim, chans, h, w] if nchw else [dim, h, w, chans]
-    proto = g.to_model(
-        [("input", np.float32, in_shape)],
-        [(name, np.float32, [dim, *out.shape[1:]])],
+    return function_to_onnx(
+        forward,
+        [(batch, h, w, m.cfg.in_chans)],
         opset=opset,
+        input_names=["input"],
+        output_names=[name],
+        nchw_inputs=(0,) if input_layout == "NCHW" else (),
         graph_name=type(model).__name__,
         doc=f"cga_jax {type(model).__name__}: images {input_layout} float32 -> {name}",
         metadata={"input_layout": input_layout, "img_size": f"{h}x{w}",
                   "bn_folded": str(bool(fuse)).lower()},
     )  # fmt: skip
-    onnx.checker.check_model(proto, full_check=True)
-    return proto
-
-
-def _identity(g: GraphBuilder, out: Any, name: str) -> Node:
-    """The node naming the graph output (a plain tensor in logical axis order)."""
-    if out.is_const or out.pending or not out.identity:
-        raise NotImplementedError("ONNX export: the model output is not a plain tensor")
-    return Node("Identity", [out.name], [name], {})
 
 
 def export_onnx(
