@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 from jax.extend import core as jcore
 
+from cga_jax.onnx_fold import fold
 from cga_jax.onnx_graph import TENSOR_TYPES, GraphBuilder
 from cga_jax.onnx_values import (
     Val,
@@ -46,8 +47,6 @@ BINARY = {"add": "Add", "sub": "Sub", "mul": "Mul", "div": "Div", "max": "Max", 
           "pow": "Pow"}  # fmt: skip
 UNARY = {"exp": "Exp", "log": "Log", "tanh": "Tanh", "logistic": "Sigmoid", "neg": "Neg",
          "sqrt": "Sqrt", "abs": "Abs", "erf": "Erf", "sin": "Sin", "cos": "Cos"}  # fmt: skip
-NUMPY_BINARY: dict[str, Callable] = {"add": np.add, "sub": np.subtract, "mul": np.multiply,
-                                     "max": np.maximum, "min": np.minimum}  # fmt: skip
 SUM_MAX = {"reduce_sum": "ReduceSum", "reduce_max": "ReduceMax", "reduce_min": "ReduceMin"}
 
 
@@ -181,36 +180,6 @@ class Converter:
             raise NotImplementedError(f"ONNX export: no rule for the JAX primitive {prim!r}")
         out = rule(self, eqn, ins, uses)
         return out if isinstance(out, list) else [out]
-
-
-# ---- constant folding -------------------------------------------------------------------------
-def fold(eqn: Any, ins: list[Val]) -> list[Val]:
-    """Evaluate an all-constant equation (numpy for the common cheap cases, else JAX)."""
-    prim = eqn.primitive.name
-    shapes = [aval_of(v)[0] for v in eqn.outvars]
-    dtypes = [aval_of(v)[1] for v in eqn.outvars]
-    arrs = [v.const for v in ins]
-    p = eqn.params
-    if prim in NUMPY_BINARY:
-        return [constant(NUMPY_BINARY[prim](*arrs).astype(dtypes[0]), shapes[0])]
-    if prim == "broadcast_in_dim":  # keep it pending: only insert the new axes
-        shape = [1] * len(shapes[0])
-        for src, dst in enumerate(p["broadcast_dimensions"]):
-            shape[dst] = arrs[0].shape[src]
-        return [constant(arrs[0].reshape(shape), shapes[0])]
-    full = [np.broadcast_to(a, [size_of(d, None) for d in v.shape]) for a, v in zip(arrs, ins,
-            strict=True)]  # fmt: skip
-    if prim in ("convert_element_type", "stop_gradient", "copy", "copy_p"):
-        return [constant(full[0].astype(dtypes[0]))]
-    if prim == "reshape":
-        return [constant(full[0].reshape(shapes[0]))]
-    if prim == "squeeze":
-        return [constant(np.squeeze(full[0], tuple(p["dimensions"])))]
-    if prim == "transpose":
-        return [constant(np.transpose(full[0], p["permutation"]))]
-    outs = eqn.primitive.bind(*full, **p)
-    outs = outs if eqn.primitive.multiple_results else [outs]
-    return [constant(to_numpy(o)) for o in outs]
 
 
 # ---- rules ------------------------------------------------------------------------------------

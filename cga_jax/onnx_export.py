@@ -43,13 +43,6 @@ def parse_img_size(value: int | str | Sequence[int]) -> tuple[int, int]:
     return int(hw[0]), int(hw[1])
 
 
-def inference_copy(model: nnx.Module, fuse: bool = True) -> nnx.Module:
-    """An eval-mode copy of ``model`` (BN folded when ``fuse``) on the standard primitives."""
-    m = fuse_bn(model) if fuse else nnx.merge(*nnx.split(model))
-    m.eval()
-    return set_impl(m, "standard")
-
-
 def function_to_onnx(
     fn: Callable[..., Any],
     input_shapes: Sequence[Sequence[int | None]],
@@ -123,11 +116,16 @@ def to_onnx_model(
     if input_layout not in LAYOUTS:
         raise ValueError(f"input_layout must be one of {LAYOUTS}, got {input_layout!r}")
     h, w = parse_img_size(img_size if img_size is not None else model.cfg.img_hw)
-    m = inference_copy(model, fuse)
-    graphdef, state = nnx.split(m)
+    m = nnx.merge(*nnx.split(model))  # a copy: eval mode and the switch must not leak out
+    m.eval()
+    graphdef, state = nnx.split(set_impl(m, "standard"))
 
     def forward(x: jax.Array) -> jax.Array:
-        return nnx.merge(graphdef, state)(x)
+        # BN folded inside the trace: its arithmetic on the weights becomes constant
+        # equations that the converter folds with numpy (eagerly, JAX would compile ~100
+        # small kernels)
+        net = nnx.merge(graphdef, state)
+        return (fuse_bn(net) if fuse else net)(x)
 
     name = "logits" if m.num_classes > 0 else "features"
     return function_to_onnx(
