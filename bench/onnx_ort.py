@@ -225,6 +225,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--latency-calls", type=int, default=200)
     ap.add_argument("--calib", type=int, default=64, help="calibration images (int8)")
     ap.add_argument("--eval-images", type=int, default=200, help="int8 agreement images")
+    ap.add_argument("--name", help="results file stem (default onnx_ort_<variant>_t<threads>)")
     args = ap.parse_args(argv)
 
     cga_jax.apply_cpu_flags()  # before the first JAX computation
@@ -251,7 +252,8 @@ def main(argv: list[str] | None = None) -> None:
             res["latency"] = latency(calls, args.latency_calls)
     desc["load_average_end"] = machine.load_average()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / f"onnx_ort_{args.variant.removeprefix('efficientvit_')}_t{args.threads}"
+    short = args.variant.removeprefix("efficientvit_")
+    stem = RESULTS / (args.name or f"onnx_ort_{short}_t{args.threads}")
     stem.with_suffix(".json").write_text(json.dumps(res, indent=1))
     stem.with_suffix(".md").write_text(markdown(res))
     print(markdown(res))
