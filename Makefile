@@ -20,7 +20,7 @@ $(DEMO_STAMP): pyproject.toml | $(BIN)/python
 	touch $@
 
 $(ALL_STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[torch,train,test,bench]'
+	$(BIN)/pip install -q -e '.[torch,train,test,bench,onnx]'
 	touch $@ $(DEMO_STAMP)
 
 setup: $(ALL_STAMP)

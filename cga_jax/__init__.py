@@ -8,6 +8,7 @@ from cga_jax.factory import create_model, get_config, list_models
 from cga_jax.fuse import fuse_bn
 from cga_jax.layers import set_impl
 from cga_jax.model import EfficientViT
+from cga_jax.onnx_export import export_onnx
 from cga_jax.ops import IMPLS, use_impl
 from cga_jax.torch_export import export_torch
 from cga_jax.xla_options import apply_cpu_flags
@@ -25,6 +26,7 @@ __all__ = [
     "LocalWindowAttention",
     "attention_bias_index",
     "create_model",
+    "export_onnx",
     "export_torch",
     "fuse_bn",
     "get_config",

@@ -18,6 +18,8 @@ from cga_jax.errors import CheckpointError
 from cga_jax.evaluate import evaluate
 from cga_jax.factory import create_model, pretrained_source
 from cga_jax.loading import load_pretrained
+from cga_jax.onnx_export import DEFAULT_OPSET, export_onnx, parse_img_size
+from cga_jax.onnx_quantize import list_images, quantize_int8
 from cga_jax.predict import predict
 from cga_jax.preprocess import list_image_folder
 from cga_jax.serving import export_serving
@@ -84,24 +86,147 @@ def _run_export_torch(a: argparse.Namespace) -> int:
     return 0
 
 
+def _image_size(text: str) -> tuple[int, int]:
+    try:
+        return parse_img_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _batch(text: str) -> int | None:
+    if text == "dynamic":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer or 'dynamic', got {text!r}")
+    return int(text)
+
+
 def _add_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True)
-    p.add_argument("--weights", default=None)
-    p.add_argument("--out", required=True, help="output file (serialized jax.export artifact)")
-    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--weights", default=None, help="checkpoint (default: random initialisation)")
+    p.add_argument(
+        "--out", required=True, help="output file: a jax.export artifact or an .onnx graph"
+    )
+    p.add_argument(
+        "--format",
+        choices=("jax", "onnx"),
+        default="jax",
+        help="jax: serialized jax.export (StableHLO) artifact (default); onnx: ONNX graph",
+    )
+    p.add_argument(
+        "--img-size",
+        type=_image_size,
+        default=None,
+        help="S or HxW: the input size, also the size the model is built for (default: the "
+        "model's, 224)",
+    )
     p.add_argument("--no-fuse", action="store_true", help="keep BatchNorm unfolded")
+    p.add_argument(
+        "--platforms",
+        default=None,
+        help="jax: comma-separated platforms of the artifact, e.g. cpu,cuda,tpu (default: this "
+        "machine's)",
+    )
+    p.add_argument("--batch", type=_batch, default=None, help="onnx: N or dynamic (default)")
+    p.add_argument("--opset", type=int, default=None, help="onnx: opset (default 17)")
+    p.add_argument(
+        "--layout", choices=("nhwc", "nchw"), default=None, help="onnx: input layout (nhwc)"
+    )
+    p.add_argument(
+        "--quantize", choices=("int8",), default=None, help="onnx: static int8 (QDQ) quantization"
+    )
+    p.add_argument("--calib", default=None, help="with --quantize: folder of calibration images")
+    p.add_argument(
+        "--calib-images", type=int, default=128, help="with --quantize: at most this many (128)"
+    )
+
+
+def _export_option_errors(a: argparse.Namespace) -> list[str]:
+    """Options that do not go together (checked before any work)."""
+    errors = []
+    if a.format == "jax":
+        for opt, val in (("--batch", a.batch), ("--opset", a.opset), ("--layout", a.layout),
+                         ("--quantize", a.quantize), ("--calib", a.calib)):  # fmt: skip
+            if val is not None:
+                errors.append(f"{opt} applies to --format onnx only (the jax.export artifact "
+                              "has a dynamic batch and NHWC input)")  # fmt: skip
+    else:
+        if a.platforms is not None:
+            errors.append("--platforms applies to --format jax only")
+        if a.quantize and not a.calib:
+            errors.append("--quantize int8 needs --calib DIR (calibration images)")
+        if a.calib and not a.quantize:
+            errors.append("--calib is only used with --quantize int8")
+    return errors
+
+
+def _check_output(path: str) -> None:
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path} is a directory; --out must be a file path")
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise CheckpointError(
+            f"{path}: cannot write there (the directory {parent} is missing or not writable)"
+        )
 
 
 def _run_export(a: argparse.Namespace) -> int:
-    model = _load_model(a.model, a.weights, img_size=a.img_size)
-    data = export_serving(model, a.img_size, fuse=not a.no_fuse)
+    errors = _export_option_errors(a)
+    if errors:
+        for e in errors:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        _check_output(a.out)
+        if a.calib:
+            list_images(a.calib)  # a missing / empty folder fails before the export
+        platforms = None
+        if a.platforms is not None:
+            platforms = [p.strip() for p in a.platforms.split(",") if p.strip()]
+        size = a.img_size[0] if a.img_size and a.img_size[0] == a.img_size[1] else a.img_size
+        model = _load_model(a.model, a.weights, img_size=size)
+        if a.weights is None:
+            print("note: no --weights: exporting randomly initialised weights", file=sys.stderr)
+        if a.format == "onnx":
+            return _export_onnx(a, model)
+        return _export_jax(a, model, platforms)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _export_jax(a: argparse.Namespace, model, platforms: list[str] | None) -> int:
+    h, w = model.cfg.img_hw
+    data = export_serving(model, (h, w), fuse=not a.no_fuse, platforms=platforms)
 
     def write(path: str) -> None:
         with open(path, "wb") as f:
             f.write(data)
 
     atomic_write(a.out, write)
-    print(f"wrote {a.out} ({len(data)} bytes; input (b, {a.img_size}, {a.img_size}, 3) NHWC)")
+    print(f"wrote {a.out} ({len(data)} bytes; input (b, {h}, {w}, 3) NHWC)")
+    return 0
+
+
+def _export_onnx(a: argparse.Namespace, model) -> int:
+    layout = (a.layout or "nhwc").upper()
+    opset = a.opset or DEFAULT_OPSET
+    path = None if a.quantize else a.out
+    proto = export_onnx(
+        model, path, batch=a.batch, opset=opset, input_layout=layout, fuse=not a.no_fuse
+    )
+    what = "float32"
+    if a.quantize:
+        proto = quantize_int8(proto, a.calib, a.out, max_images=a.calib_images)
+        meta = {p.key: p.value for p in proto.metadata_props}
+        what = f"int8 QDQ, calibrated on {meta['calibration_images']} images"
+    h, w = model.cfg.img_hw
+    b = a.batch or "batch"
+    shape = f"({b}, 3, {h}, {w})" if layout == "NCHW" else f"({b}, {h}, {w}, 3)"
+    print(
+        f"wrote {a.out} ({os.path.getsize(a.out)} bytes; ONNX opset {opset}, {what}; "
+        f"input {shape} {layout} -> {proto.graph.output[0].name})"
+    )
     return 0
 
 
@@ -221,7 +346,7 @@ def _run_pack(a: argparse.Namespace) -> int:
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "convert": ("PyTorch (official/timm) checkpoint -> cga_jax", _add_convert, _run_convert),
     "export-torch": ("cga_jax weights -> PyTorch state dict", _add_export_torch, _run_export_torch),
-    "export": ("jax.export serving artifact (StableHLO)", _add_export, _run_export),
+    "export": ("serving artifact: jax.export (StableHLO) or ONNX", _add_export, _run_export),
     "eval": ("top-1/top-5/loss on an ImageNet-style folder", _add_eval, _run_eval),
     "predict": ("top-k classes of image files", _add_predict, _run_predict),
     "pack": ("image folder -> ArrayRecord shards for training", _add_pack, _run_pack),
