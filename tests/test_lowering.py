@@ -14,6 +14,13 @@ from flax import nnx
 
 import cga_jax
 from cga_jax.layers import Conv2d
+from cga_jax.training.models import build_model
+from cga_jax.training.optim import make_optimizer
+from cga_jax.training.randaugment import RandAugment
+from cga_jax.training.recipe import imagenet_recipe
+from cga_jax.training.schedule import make_schedule
+from cga_jax.training.steps import make_train_step
+from cga_jax.training.trainer import initial_state
 
 VARIANTS = cga_jax.list_models()
 
@@ -130,3 +137,42 @@ def test_multi_platform_serving_artifact_runs_here():
     np.testing.assert_allclose(np.asarray(load_serving(data)(x)), want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="platforms must be a non-empty subset"):
         export_serving(model, 64, platforms=("gpu",))
+
+
+@pytest.mark.parametrize(
+    "name", ["efficientvit_m0", pytest.param("efficientvit_m4", marks=pytest.mark.slow)]
+)
+def test_training_step_lowers_for_tpu_and_cuda(name):
+    """The trainer's whole step as ``train.py`` builds it for the ImageNet recipe - device flip
+    and RandAugment, random erasing, mixup/cutmix, label smoothing, forward and backward in
+    train-mode BN, AGC + AdamW, EMA - lowers to the standard path for both accelerators."""
+    cfg = imagenet_recipe()
+    cfg.model.name = name
+    cfg.batch_size = 8
+    assert cfg.data.device_aug and cfg.data.reprob > 0 and cfg.aug.mixup > 0  # all in the step
+    model = build_model(
+        cfg.model, img_size=224, num_classes=1000, distillation=False, seed=0, new_head=True
+    )
+    model.train()
+    graphdef, params, batch_stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+    schedule = make_schedule(cfg.optim, batch_size=8, steps_per_epoch=100)
+    tx = make_optimizer(
+        cfg.optim, params=params, schedule=schedule, no_weight_decay=model.no_weight_decay()
+    )
+    step = make_train_step(
+        cfg, graphdef=graphdef, rest=rest, tx=tx, schedule=schedule, num_classes=1000
+    )
+    state = jax.eval_shape(lambda: initial_state(params, batch_stats, tx, 0))
+    layers = RandAugment(cfg.data.randaugment).cfg.num_layers
+    b = cfg.batch_size
+    batch = {
+        "image": jax.ShapeDtypeStruct((b, 224, 224, 3), jnp.uint8),
+        "label": jax.ShapeDtypeStruct((b,), jnp.int32),
+        "valid": jax.ShapeDtypeStruct((b,), jnp.int32),
+        "erase": jax.ShapeDtypeStruct((b, 4), jnp.int32),
+        "flip": jax.ShapeDtypeStruct((b,), jnp.int32),
+        "ra": jax.ShapeDtypeStruct((b, layers, 9), jnp.float32),
+    }
+    for platform in ("tpu", "cuda"):
+        text = lower(step, state, batch, platforms=(platform,))
+        assert_standard_path(text, depthwise_count(model), per_forward=2)

@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 import cga_jax
+from cga_jax.keymap import to_timm_state_dict
 
 torch_ref = pytest.importorskip("torch_ref")  # skips the module when torch/timm are absent
 from utils import assert_logits_close  # noqa: E402
@@ -41,7 +42,7 @@ def test_standard_path_matches_timm(name):
     jm.train()
     ref = torch_ref.run_nchw(tm, x)
     assert_logits_close(_forward(jm, x), ref, f"{name} standard train")
-    ours = cga_jax.weights.to_timm_state_dict(jm)
+    ours = to_timm_state_dict(jm)
     theirs = torch_ref.state_dict_np(tm)
     stats = [k for k in theirs if k.endswith(("running_mean", "running_var"))]
     assert len(stats) > 50
