@@ -148,6 +148,7 @@ def test_training_step_lowers_for_tpu_and_cuda(name):
     train-mode BN, AGC + AdamW, EMA - lowers to the standard path for both accelerators."""
     cfg = imagenet_recipe()
     cfg.model.name = name
+    cfg.model.impl = "standard"  # what build_model resolves "auto" to in a GPU/TPU process
     cfg.batch_size = 8
     assert cfg.data.device_aug and cfg.data.reprob > 0 and cfg.aug.mixup > 0  # all in the step
     model = build_model(

@@ -14,6 +14,7 @@ from train_helpers import TINY_MODEL, tiny_digits_config
 
 from cga_jax import EfficientViT, EfficientViTConfig
 from cga_jax.training.mixup import mix_batch, smooth_one_hot, soft_cross_entropy
+from cga_jax.training.models import build_model
 from cga_jax.training.optim import (
     adaptive_grad_clip,
     decay_mask,
@@ -311,3 +312,17 @@ def test_one_normalize_for_training_and_eval():
     # under jit XLA may turn the divisions into multiplications: within an ulp or so
     got = np.asarray(jax.jit(preprocess.normalize)(x))
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", [None, "auto", "standard", "cpu"])
+def test_build_model_resolves_auto_for_this_backend(impl):
+    """The trainer compiles for one platform: "auto" (the default) becomes this backend's
+    implementation; an explicit choice is kept."""
+    spec = digits().model
+    spec.impl = impl
+    model = build_model(
+        spec, img_size=32, num_classes=10, distillation=False, seed=0, new_head=True
+    )
+    here = "cpu" if jax.default_backend() == "cpu" else "standard"
+    want = here if impl in (None, "auto") else impl
+    assert {m.impl for _, m in nnx.iter_modules(model) if hasattr(m, "impl")} == {want}

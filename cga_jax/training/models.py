@@ -8,8 +8,10 @@ loads the weights.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
+import jax
 from flax import nnx
 
 from cga_jax import EfficientViT, EfficientViTConfig, get_config
@@ -40,8 +42,14 @@ def build_model(
     ``num_classes`` and ``distillation`` are the run's (the caller resolves the spec's values
     against the data and ``distill.kind``). ``new_head``: a checkpoint classifier of another size
     is dropped and the fresh one kept (fine-tuning); otherwise the load is strict (a teacher).
+
+    ``impl="auto"`` is resolved for this process's backend (the XLA-CPU kernels on CPU, the
+    standard ops elsewhere): a training step is compiled for one platform only, so tracing the
+    other branch of ``lax.platform_dependent`` would only cost time.
     """
     cfg = model_config(spec, img_size=img_size, num_classes=num_classes, distillation=distillation)
+    if cfg.impl == "auto":
+        cfg = dataclasses.replace(cfg, impl="cpu" if jax.default_backend() == "cpu" else "standard")
     model = EfficientViT(cfg, rngs=nnx.Rngs(seed))
     if spec.pretrained:
         for note in load_pretrained(model, spec.pretrained, new_head=new_head):
