@@ -155,6 +155,16 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
         raise
 
 
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through :func:`atomic_write`."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    atomic_write(os.fspath(path), write)
+
+
 # ---------------------------------------------------------------------------------------------
 # converted directories
 # ---------------------------------------------------------------------------------------------

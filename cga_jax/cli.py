@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from cga_jax.checkpoint_io import FORMATS, atomic_write, read_meta
+from cga_jax.checkpoint_io import FORMATS, atomic_write, atomic_write_bytes, read_meta
 from cga_jax.classes import imagenet_class_names, read_class_names
 from cga_jax.convert import convert
 from cga_jax.errors import CheckpointError
@@ -198,12 +198,7 @@ def _run_export(a: argparse.Namespace) -> int:
 def _export_jax(a: argparse.Namespace, model, platforms: list[str] | None) -> int:
     h, w = model.cfg.img_hw
     data = export_serving(model, (h, w), fuse=not a.no_fuse, platforms=platforms)
-
-    def write(path: str) -> None:
-        with open(path, "wb") as f:
-            f.write(data)
-
-    atomic_write(a.out, write)
+    atomic_write_bytes(a.out, data)
     print(f"wrote {a.out} ({len(data)} bytes; input (b, {h}, {w}, 3) NHWC)")
     return 0
 

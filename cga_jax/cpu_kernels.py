@@ -261,32 +261,6 @@ def im2col_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> j
 im2col_conv.defjvp(_im2col_conv_jvp, symbolic_zeros=True)
 
 
-def conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: int, groups: int) -> jax.Array:
-    """:func:`cga_jax.ops.conv2d` on XLA-CPU, dispatched on static shapes.
-
-    kernel: (kh, kw, Ci // groups, Co) (HWIO). 1x1 convs are an ``einsum`` in both paths, and
-    grouped convs that are neither dense nor depthwise fall back to XLA's convolution.
-    """
-    kh, kw, ipg, co = kernel.shape
-    ci = x.shape[-1]
-    if kh == kw == 1 and groups == 1 and stride == 1 and padding == 0:
-        return jnp.einsum("...c,co->...o", x, kernel[0, 0])
-    if groups == ci == co and ipg == 1:
-        return depthwise_conv(x, kernel[:, :, 0, :], stride, padding)
-    if groups == 1 and ci <= MAX_FEW_CHANNELS:
-        return few_channel_conv(x, kernel, stride, padding)
-    if groups == 1:
-        return im2col_conv(x, kernel, stride, padding)
-    return lax.conv_general_dilated(
-        x,
-        kernel,
-        window_strides=(stride, stride),
-        padding=((padding, padding), (padding, padding)),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        feature_group_count=groups,
-    )
-
-
 # ---- spatial mean ----------------------------------------------------------------------------
 def spatial_mean(x: jax.Array) -> jax.Array:
     """(B, H, W, C) -> (B, 1, 1, C), summed in at least float32 as a batched matmul with a ones

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cga_jax.checkpoint_io import atomic_write
+from cga_jax.checkpoint_io import atomic_write_bytes
 from cga_jax.fuse import fuse_bn
 from cga_jax.jaxpr_onnx import MIN_OPSET, convert_closed_jaxpr
 from cga_jax.layers import set_impl
@@ -167,11 +167,5 @@ def export_onnx(
     proto = to_onnx_model(model, batch=batch, img_size=img_size, opset=opset,
                           input_layout=input_layout, fuse=fuse)  # fmt: skip
     if path is not None:
-        data = proto.SerializeToString()
-
-        def write(tmp: str) -> None:
-            with open(tmp, "wb") as f:
-                f.write(data)
-
-        atomic_write(os.fspath(path), write)
+        atomic_write_bytes(path, proto.SerializeToString())
     return proto

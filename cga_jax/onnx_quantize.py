@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from cga_jax.checkpoint_io import atomic_write
+from cga_jax.checkpoint_io import atomic_write_bytes
 from cga_jax.preprocess import IMAGE_EXTS, decode_image, eval_preprocess, normalize
 
 QUANT_OPS = ("Conv",)  # ~all FLOPs; attention matmuls and softmax stay float (accuracy)
@@ -160,11 +160,5 @@ def quantize_int8(
             out.metadata_props.add(key=k, value=v)
     onnx.checker.check_model(out)
     if path is not None:
-        data = out.SerializeToString()
-
-        def write(tmp_path: str) -> None:
-            with open(tmp_path, "wb") as f:
-                f.write(data)
-
-        atomic_write(os.fspath(path), write)
+        atomic_write_bytes(path, out.SerializeToString())
     return out

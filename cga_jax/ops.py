@@ -99,6 +99,22 @@ def _standard_conv2d(
     )
 
 
+def _cpu_conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: int, groups: int):
+    """The XLA-CPU kernels, dispatched on static shapes: depthwise convs as shifted multiply-adds,
+    dense convs over few input channels (the RGB stem) as broadcast multiply-adds, other dense
+    convs as im2col; 1x1 convs (an ``einsum``) and other grouped convs as the standard path."""
+    kh, kw, ipg, co = kernel.shape
+    ci = x.shape[-1]
+    pointwise = kh == kw == 1 and stride == 1 and padding == 0
+    if groups == ci == co and ipg == 1:
+        return cpu_kernels.depthwise_conv(x, kernel[:, :, 0, :], stride, padding)
+    if groups == 1 and not pointwise and ci <= cpu_kernels.MAX_FEW_CHANNELS:
+        return cpu_kernels.few_channel_conv(x, kernel, stride, padding)
+    if groups == 1 and not pointwise:
+        return cpu_kernels.im2col_conv(x, kernel, stride, padding)
+    return _standard_conv2d(x, kernel, stride, padding, groups)
+
+
 def conv2d(
     x: jax.Array,
     kernel: jax.Array,
@@ -120,7 +136,7 @@ def conv2d(
             f"expects {kernel.shape[2] * groups}"
         )
     std = functools.partial(_standard_conv2d, stride=stride, padding=padding, groups=groups)
-    cpu = functools.partial(cpu_kernels.conv2d, stride=stride, padding=padding, groups=groups)
+    cpu = functools.partial(_cpu_conv2d, stride=stride, padding=padding, groups=groups)
     return select(impl, std, cpu, x, kernel)
 
 

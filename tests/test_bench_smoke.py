@@ -361,6 +361,7 @@ def _check_cpu_report(tmp_path) -> str:
     return md
 
 
+@pytest.mark.slow  # ~2 min: a whole device_check.sh run on the CPU
 def test_device_check_cpu_mode_small_budget(tmp_path):
     """``device_check.sh --cpu`` under a small budget: every step runs, and the report has the
     GPU section's tables, CPU-labelled, with M0's rows measured or skipped for the budget."""

@@ -19,9 +19,9 @@ import cga_jax
 # and 1x1 convs, BN, windowed cascaded attention, SE, subsample attention, head) at a fraction
 # of the compile time of second-order graphs of the full model, which run in the slow suite.
 TINY = dict(depth=(1, 1, 1), embed_dim=(16, 32, 48), key_dim=(4, 4, 4), num_heads=(2, 2, 2))
-DEFAULT = {
-    ("tiny", "cpu", "train")
-}  # the rest: slow suite (second-order graphs compile for minutes)
+# default run: the CPU kernels' rules in the whole model (BN's training-mode rule, and every
+# primitive's jvp and HVP on its own, are in tests/test_ops.py); the rest: slow suite
+DEFAULT = {("tiny", "cpu", "eval")}
 CASES = [
     pytest.param(n, i, m, marks=[] if (n, i, m) in DEFAULT else [pytest.mark.slow])
     for n in ("tiny", "efficientvit_m0", "efficientvit_m4")

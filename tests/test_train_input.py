@@ -48,16 +48,6 @@ def test_prefetch_state_is_the_consumed_batch():
     bad.close()
 
 
-def test_short_run_logs_input_wait(tmp_path):
-    from cga_jax.training.trainer import train_and_evaluate
-
-    cfg = tiny_digits_config(total_steps=6, log_every=2, eval_every=6, checkpoint_every=6)
-    train_and_evaluate(cfg, str(tmp_path))
-    waits = [r for r in read_log(str(tmp_path / "log.jsonl")) if "input_wait" in r]
-    assert [r["step"] for r in waits] == [2, 4, 6]
-    assert all(0.0 <= r["input_wait"] <= 1.0 for r in waits)
-
-
 def _jpeg(seed: int) -> bytes:
     rng = np.random.RandomState(seed)
     img = Image.fromarray((rng.rand(5, 6, 3) * 255).astype(np.uint8)).resize((70, 56))

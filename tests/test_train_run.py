@@ -39,6 +39,10 @@ def test_short_run_learns(tmp_path):
     assert res["val_top1"] >= 60.0
     assert res["step"] == 90 and os.path.exists(res["curves"])
     assert os.path.isdir(os.path.join(res["checkpoint"], "90"))
+    # the share of each logging window the step waited for input
+    waits = [r for r in read_log(str(tmp_path / "log.jsonl")) if "input_wait" in r]
+    assert [r["step"] for r in waits] == list(range(5, 91, 5))
+    assert all(0.0 <= r["input_wait"] <= 1.0 for r in waits)
 
 
 def _losses(workdir):

@@ -20,12 +20,11 @@ import os
 import pathlib
 import struct
 import sys
-import tempfile
-from collections.abc import Callable
 
 import numpy as np
 from PIL import Image
 
+from cga_jax.checkpoint_io import atomic_write
 from cga_jax.preprocess import decode_image, list_image_folder
 
 FORMAT = "cga_jax.arrayrecord/1"
@@ -54,19 +53,6 @@ def _image_bytes(path: str, resize_short: int | None, quality: int) -> bytes | N
     buf = io.BytesIO()
     Image.fromarray(img).resize(size, Image.BICUBIC).save(buf, "JPEG", quality=quality)
     return buf.getvalue()
-
-
-def _atomic(path: pathlib.Path, write: Callable[[str], None]) -> None:
-    """``write(tmp)`` then rename to ``path``; the temporary file is removed on failure."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def pack(
@@ -111,7 +97,7 @@ def pack(
                 w.close()
             counts.append(n)
 
-        _atomic(out / name, write)
+        atomic_write(str(out / name), write)
         log(f"wrote {out / name} ({counts[-1]} images)")
     meta = {
         "format": FORMAT,
@@ -126,7 +112,7 @@ def pack(
         with open(tmp, "w") as f:
             json.dump(meta, f, indent=1)
 
-    _atomic(out / "meta.json", write_meta)
+    atomic_write(str(out / "meta.json"), write_meta)
     return {**meta, "skipped": skipped}
 
 
