@@ -87,13 +87,14 @@ def box_canvas(
         y0, x0, y1, x1 = y0 / k, x0 / k, y1 / k, x1 / k
     a, b = _span(y0, y1, im.size[1], room_h)
     c, d = _span(x0, x1, im.size[0], room_w)
-    region = np.asarray(im.crop((c, a, d, b)))
-    out = np.zeros((ch, cw, 3), np.uint8)
-    if t:
-        region = region.transpose(1, 0, 2)
+    region = im.crop((c, a, d, b))
+    if t:  # Pillow's transpose is a fast C copy; numpy's strided one is not
+        region = region.transpose(Image.Transpose.TRANSPOSE)
         crop = (x0 - c, y0 - a, x1 - c, y1 - a)
     else:
         crop = (y0 - a, x0 - c, y1 - a, x1 - c)
+    region = np.asarray(region)
+    out = np.zeros((ch, cw, 3), np.uint8)
     out[: region.shape[0], : region.shape[1]] = region
     return out, np.array([*crop, *region.shape[:2], float(t)], np.float32)
 
