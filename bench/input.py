@@ -35,6 +35,7 @@ BATCH = 64
 TIMEOUT_S = 900.0
 HOST_AUG = dict(randaugment=RA, reprob=0.25, workers=0)
 RESIZE_LABEL = "cga_jax fast + device aug + device resize"
+DECODE_LABEL = "JPEG decode alone at the box's DCT scale (ceiling, not a pipeline)"
 
 
 def contestants(jpg: str, shards: str, small: str, cores: int) -> list[dict[str, Any]]:
@@ -60,6 +61,7 @@ def contestants(jpg: str, shards: str, small: str, cores: int) -> list[dict[str,
             data=dev,
         )
     )
+    out.append(dict(label=DECODE_LABEL, kind="decode", root=jpg, data={}))
     for c in out:
         c.update(cores=1, cpus=one, workers=0)
     allc = [dict(label="timm DataLoader", kind="timm", root=jpg, data={})]
@@ -284,6 +286,14 @@ def markdown(run: dict[str, Any]) -> str:
         if got and 1 in base:
             q = got["img_s"] / base[1]
             out.append(f"| {label} | {op} {target:g}× | {q:.2f}× | {'✓' if q >= target else '✗'} |")
+    ceil = next((x for x in r["results"] if x["label"] == DECODE_LABEL), None)
+    if ceil and 1 in base:
+        out += [
+            "",
+            f"Ceiling: the JPEG decode alone (Pillow/libjpeg at the box's DCT scale, nothing "
+            f"else) runs at {ceil['img_s']:.0f} img/s per core, {ceil['img_s'] / base[1]:.2f}× "
+            "timm: no pipeline that decodes these files with Pillow on the host can go faster.",
+        ]
     return "\n".join(out) + "\n"
 
 

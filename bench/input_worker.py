@@ -3,7 +3,8 @@
 Protocol (one JSON line per reply on stdout): after start-up and a warm-up batch it prints
 ``{"ready": ...}``; each ``run`` line on stdin times ``images`` images (whole batches) and
 replies ``{"seconds": s, "images": n}``; ``stop`` ends it. ``kind``: ``timm`` (timm's
-``create_transform`` in a torch ``DataLoader``), ``cga_jax`` (``train_loader`` with the spec's
+``create_transform`` in a torch ``DataLoader``), ``decode`` (the JPEG decode alone, a ceiling),
+``cga_jax`` (``train_loader`` with the spec's
 ``data`` keys over the ImageNet recipe's) or ``device`` (the jitted device-side part of one
 batch: the resample of the crop boxes with ``data.device_resize``, flip + RandAugment +
 normalise + erasing; ``run`` times ``iters`` calls).
@@ -98,6 +99,33 @@ def cga_batches(spec):
     src = data_lib.make_source(cfg, "train")
     for b in data_lib.train_loader(cfg, src, 0, 1, seed=0):
         yield len(b["image"])
+
+
+def decode_batches(spec):
+    """The ceiling of any host pipeline that decodes JPEGs with Pillow: per image only what
+    ``fast`` decodes (header, crop box, JPEG decode at the box's DCT scale), in file order."""
+    import glob
+    import warnings
+
+    import numpy as np
+
+    from cga_jax.training import fast_decode as fd
+    from cga_jax.training.data import random_resized_crop_box
+
+    files = sorted(glob.glob(os.path.join(spec["root"], "train", "*", "*.jpg")))
+    rng = np.random.default_rng(0)
+    warnings.simplefilter("ignore")
+    while True:
+        for k in range(0, len(files) - spec["batch"] + 1, spec["batch"]):
+            for f in files[k : k + spec["batch"]]:
+                im = fd.open_image(f)
+                w, h = im.size
+                t, left, ch, cw = random_resized_crop_box(rng, h, w, (0.08, 1), (3 / 4, 4 / 3))
+                s = fd.dct_scale(ch, cw, 224)
+                if s > 1:
+                    im.draft("RGB", (w // s, h // s))
+                im.load()
+            yield spec["batch"]
 
 
 def device_step(spec):
@@ -256,7 +284,8 @@ def main(spec: dict) -> None:
                 n += call()
             _reply(seconds=time.perf_counter() - t0, images=n)
         return
-    gen = timm_batches(spec) if spec["kind"] == "timm" else cga_batches(spec)
+    kinds = dict(timm=timm_batches, cga_jax=cga_batches, decode=decode_batches)
+    gen = kinds[spec["kind"]](spec)
     next(gen)  # warm-up: workers started, first files read
     _reply(ready=True)
     for line in sys.stdin:
