@@ -53,8 +53,9 @@ def test_canvas_holds_every_box_below_the_eighth_scale():
 def test_device_resize_matches_pillow_bicubic():
     """Random-resized crops of 375-640 px JPEGs (the DCT-scaled ones included): the device
     resample of the canvas is Pillow's resize of the same box; mean abs difference <= 0.3 levels
-    per image (the pass order differs for transposed boxes: a rounding), <= 0.02 overall on
-    boxes stored upright, no pixel off by more than 4."""
+    per image (where the two passes run in the other order than Pillow's: the uint8 rounding
+    between them), <= 0.005 on average over boxes stored upright (the same order here: float
+    rounding), no pixel off by more than 3."""
     size = 224
     canvas = dr.canvas_shape(size)
     rng = np.random.default_rng(1)
@@ -79,8 +80,8 @@ def test_device_resize_matches_pillow_bicubic():
     upright = np.stack(crops)[:, 6] == 0
     assert upright.any() and (~upright).any()
     assert per_image.max() <= 0.3, per_image
-    assert per_image[upright].mean() <= 0.02, per_image
-    assert diff.max() <= 4
+    assert per_image[upright].mean() <= 0.005, per_image
+    assert diff.max() <= 3
 
 
 def test_a_box_larger_than_the_canvas_is_reduced_on_the_host():
