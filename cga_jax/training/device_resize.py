@@ -13,9 +13,11 @@ host by an integer factor (Pillow ``reduce``, a box average, as Pillow's ``reduc
 :func:`resize_crops` runs inside the jitted step: per image, two small matmuls with PIL's
 antialiased bicubic weights (``a = -0.5``, support scaled by the downscale factor, the same
 centre convention, edge truncation and renormalisation, coefficients rounded to PIL's 22-bit
-fixed point, rounded to uint8 between the horizontal and the vertical pass). It is Pillow's
-``resize(box=...)`` up to float32 rounding; for transposed boxes the two passes run in the
-other order. ``tests/test_device_resize.py`` bounds the difference.
+fixed point, rounded to uint8 between the canvas's horizontal and vertical pass). Where
+Pillow runs its two passes in the same order it is Pillow's ``resize(box=...)`` up to float32
+rounding; Pillow 13 picks the order per image, so for some boxes (most of the transposed
+ones) the uint8 rounding between the passes differs. ``tests/test_device_resize.py`` bounds
+the difference.
 """
 
 from __future__ import annotations
