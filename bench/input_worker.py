@@ -3,9 +3,11 @@
 Protocol (one JSON line per reply on stdout): after start-up and a warm-up batch it prints
 ``{"ready": ...}``; each ``run`` line on stdin times ``images`` images (whole batches) and
 replies ``{"seconds": s, "images": n}``; ``stop`` ends it. ``kind``: ``timm`` (timm's
-``create_transform`` in a torch ``DataLoader``), ``cga_jax`` (``train_loader`` with the spec's
-``data`` keys) or ``device`` (the jitted device-side flip + RandAugment + normalise + erasing
-of one batch; ``run`` times ``iters`` calls).
+``create_transform`` in a torch ``DataLoader``), ``decode`` (the JPEG decode alone, a ceiling),
+``cga_jax`` (``train_loader`` with the spec's
+``data`` keys over the ImageNet recipe's) or ``device`` (the jitted device-side part of one
+batch: the resample of the crop boxes with ``data.device_resize``, flip + RandAugment +
+normalise + erasing; ``run`` times ``iters`` calls).
 """
 
 from __future__ import annotations
@@ -69,8 +71,23 @@ def timm_batches(spec):
             yield len(x)
 
 
+def _config(spec):
+    """The ImageNet recipe at 224 px, batch ``spec["batch"]``, on ``spec["root"]``, no repeated
+    augmentation, host augmentation unless ``spec["data"]`` says otherwise."""
+    from cga_jax.training.recipe import imagenet_recipe
+
+    cfg = imagenet_recipe()
+    cfg.img_size, cfg.batch_size = 224, spec["batch"]
+    cfg.data.update(
+        dict(
+            name="folder", root=spec["root"], repeated_aug=1, device_aug=False, device_resize=False
+        )
+    )
+    cfg.data.update(spec["data"])
+    return cfg
+
+
 def cga_batches(spec):
-    import ml_collections
     from absl import flags
 
     if not flags.FLAGS.is_parsed():  # Grain's worker processes read its absl flags
@@ -78,36 +95,59 @@ def cga_batches(spec):
 
     from cga_jax.training import data as data_lib
 
-    cfg = ml_collections.ConfigDict(
-        dict(img_size=224, batch_size=spec["batch"], data=dict(name="folder", root=spec["root"]))
-    )
-    cfg.data.update(spec["data"])
+    cfg = _config(spec)
     src = data_lib.make_source(cfg, "train")
     for b in data_lib.train_loader(cfg, src, 0, 1, seed=0):
         yield len(b["image"])
+
+
+def decode_batches(spec):
+    """The ceiling of any host pipeline that decodes JPEGs with Pillow: per image only what
+    ``fast`` decodes (header, crop box, JPEG decode at the box's DCT scale), in file order."""
+    import glob
+    import warnings
+
+    import numpy as np
+
+    from cga_jax.training import fast_decode as fd
+    from cga_jax.training.data import random_resized_crop_box
+
+    files = sorted(glob.glob(os.path.join(spec["root"], "train", "*", "*.jpg")))
+    rng = np.random.default_rng(0)
+    warnings.simplefilter("ignore")
+    while True:
+        for k in range(0, len(files) - spec["batch"] + 1, spec["batch"]):
+            for f in files[k : k + spec["batch"]]:
+                im = fd.open_image(f)
+                w, h = im.size
+                t, left, ch, cw = random_resized_crop_box(rng, h, w, (0.08, 1), (3 / 4, 4 / 3))
+                s = fd.dct_scale(ch, cw, 224)
+                if s > 1:
+                    im.draft("RGB", (w // s, h // s))
+                im.load()
+            yield spec["batch"]
 
 
 def device_step(spec):
     """A closure running the jitted device-side augmentation of one batch from the loader."""
     import jax
     import jax.numpy as jnp
-    import ml_collections
 
     from cga_jax.preprocess import normalize
     from cga_jax.training import data as data_lib
     from cga_jax.training.device_augment import augment
+    from cga_jax.training.device_resize import resize_crops
     from cga_jax.training.erasing import apply_erase
 
-    cfg = ml_collections.ConfigDict(
-        dict(img_size=224, batch_size=spec["batch"], data=dict(name="folder", root=spec["root"]))
-    )
-    cfg.data.update(spec["data"])
+    cfg = _config(spec)
     batch = next(iter(data_lib.train_loader(cfg, data_lib.make_source(cfg, "train"), 0, 1, 0)))
-    batch = {k: jnp.asarray(batch[k]) for k in ("image", "flip", "ra", "erase")}
+    keys = ("image", "flip", "ra", "erase", "crop")
+    batch = {k: jnp.asarray(batch[k]) for k in keys if k in batch}
 
     @jax.jit
     def step(b, key):
-        x = normalize(augment(b))
+        images = resize_crops(b["image"], b["crop"], 224) if "crop" in b else b["image"]
+        x = normalize(augment(dict(b, image=images)))
         return apply_erase(key, x, b["erase"])
 
     key = jax.random.key(0)
@@ -133,6 +173,7 @@ def fidelity(spec) -> dict:
 
     from cga_jax.preprocess import decode_image
     from cga_jax.training import device_augment as da
+    from cga_jax.training import device_resize as dr
     from cga_jax.training import fast_decode as fd
     from cga_jax.training import randaugment as ra
     from cga_jax.training.data import random_resized_crop_box
@@ -156,6 +197,31 @@ def fidelity(spec) -> dict:
         scaled.append(fd.dct_scale(ch, cw, 224) > 1)
         if len(crops) < 16:
             crops.append(want)
+    # device_resize: the canvas resampled by the device vs Pillow's resize of the same box of
+    # the image decoded at the same DCT scale (the fast path without reducing_gap), and vs exact
+    canvas, resize = dr.canvas_shape(224), jax.jit(dr.resize_crops, static_argnums=2)
+    dr_pil, dr_exact, transposed = [], [], []
+    for i, f in enumerate(files[:64]):
+        im = fd.open_image(f)
+        w, h = im.size
+        t, left, ch, cw = random_resized_crop_box(
+            np.random.default_rng(i), h, w, (0.08, 1), (3 / 4, 4 / 3)
+        )
+        can, crop = dr.box_canvas(im, t, left, ch, cw, 224, canvas)
+        got = np.asarray(resize(can[None], crop[None], 224))[0].astype(np.float64)
+        s = fd.dct_scale(ch, cw, 224)
+        ref = fd.open_image(f)
+        if s > 1:
+            ref.draft("RGB", (w // s, h // s))
+        box = (left / s, t / s, (left + cw) / s, (t + ch) / s)
+        pil = np.asarray(ref.convert("RGB").resize((224, 224), Image.BICUBIC, box=box))
+        full = Image.fromarray(decode_image(f))
+        box = (left, t, left + cw, t + ch)
+        exact = np.asarray(full.resize((224, 224), Image.BICUBIC, box=box))
+        dr_pil.append(float(np.abs(got - pil).mean()))
+        dr_exact.append(float(np.abs(got - exact).mean()))
+        transposed.append(bool(crop[6]))
+    tr = np.array(transposed)
     sc = np.array(scaled)
     fin = [p for p, s in zip(psnrs, scaled, strict=True) if s]
     out = dict(
@@ -165,6 +231,17 @@ def fidelity(spec) -> dict:
         mad_scaled=float(np.mean(np.array(mads)[sc])) if sc.any() else 0.0,
         psnr_scaled_median=float(np.median(fin)) if fin else None,
         psnr_scaled_min=float(np.min(fin)) if fin else None,
+    )
+    out["device_resize"] = dict(
+        n=len(dr_pil),
+        canvas=list(canvas),
+        bytes_per_image=int(np.prod(canvas) * 3 + 7 * 4),
+        mad_vs_pil_same_scale=float(np.mean(dr_pil)),
+        mad_vs_pil_upright=float(np.mean(np.array(dr_pil)[~tr])) if (~tr).any() else 0.0,
+        mad_vs_pil_transposed=float(np.mean(np.array(dr_pil)[tr])) if tr.any() else 0.0,
+        max_image_mad_vs_pil=float(np.max(dr_pil)),
+        transposed_share=float(tr.mean()),
+        mad_vs_exact=float(np.mean(dr_exact)),
     )
     imgs = np.stack(crops)
     fn = jax.jit(da.randaugment)
@@ -207,7 +284,8 @@ def main(spec: dict) -> None:
                 n += call()
             _reply(seconds=time.perf_counter() - t0, images=n)
         return
-    gen = timm_batches(spec) if spec["kind"] == "timm" else cga_batches(spec)
+    kinds = dict(timm=timm_batches, cga_jax=cga_batches, decode=decode_batches)
+    gen = kinds[spec["kind"]](spec)
     next(gen)  # warm-up: workers started, first files read
     _reply(ready=True)
     for line in sys.stdin:

@@ -94,7 +94,7 @@ def test_training_loader_on_shards_resumes_exactly(folder, tmp_path):
     cfg = imagenet_recipe()
     cfg.img_size, cfg.batch_size = 16, 4
     cfg.data.update(dict(root=str(tmp_path / "ds"), workers=0, decode="fast", reprob=0.25))
-    cfg.data.update(dict(randaugment="", repeated_aug=1, device_aug=False))
+    cfg.data.update(dict(randaugment="", repeated_aug=1, device_aug=False, device_resize=False))
     src = data_lib.make_source(cfg, "train")  # detected from the directory
     assert isinstance(src, ar.ArrayRecordSource)
     it = iter(data_lib.train_loader(cfg, src, 0, 1, seed=3))

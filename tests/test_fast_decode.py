@@ -110,6 +110,7 @@ def test_fast_loader_skips_bad_files_and_resumes(tmp_path):
     cfg = imagenet_recipe()
     cfg.img_size, cfg.batch_size = 24, 8
     cfg.data.update(dict(workers=0, decode="fast", device_aug=True, reprob=0.0, repeated_aug=1))
+    cfg.data.device_resize = False  # the host resamples the box (tests/test_device_resize.py)
     cfg.data.randaugment = "rand-m9-mstd0.5-inc1"
     loader = data_lib.train_loader(cfg, data_lib.FolderSource(root), 0, 1, seed=0)
     it = iter(loader)

@@ -25,6 +25,7 @@ from PIL import Image
 
 from cga_jax.preprocess import decode_image, eval_preprocess, list_image_folder
 from cga_jax.training.arrayrecord import ArrayRecordSource, is_shard_dir
+from cga_jax.training.device_resize import blank_crop, box_canvas, canvas_shape
 from cga_jax.training.erasing import erase_box
 from cga_jax.training.fast_decode import decode_crop, open_image
 from cga_jax.training.ra_params import encode_ops
@@ -133,7 +134,10 @@ class TrainAugment(grain.RandomMapTransform):
     only as much as the box needs (:mod:`cga_jax.training.fast_decode`; decoded records take
     the exact path). ``device_aug=True`` leaves the flip and RandAugment to the train step
     (:mod:`cga_jax.training.device_augment`): the same draws are shipped as ``r["flip"]``
-    int32 and ``r["ra"]`` float32 (L, 9). Every mode makes the same draws in the same order,
+    int32 and ``r["ra"]`` float32 (L, 9). ``device_resize=True`` (with ``mode="fast"`` and
+    ``device_aug``) leaves the resample of the box to the step as well: ``r["image"]`` is then
+    the decoded box in a uint8 canvas (:func:`~cga_jax.training.device_resize.canvas_shape`)
+    and ``r["crop"]`` float32 (7,) says where (:mod:`cga_jax.training.device_resize`). Every mode makes the same draws in the same order,
     so for one record rng the box, flip, ops and erasing box are the same."""
 
     def __init__(
@@ -146,12 +150,31 @@ class TrainAugment(grain.RandomMapTransform):
         reprob: float = 0.0,
         mode: str = "exact",
         device_aug: bool = False,
+        device_resize: bool = False,
     ):
         if mode not in DECODE_MODES:
             raise ValueError(f"decode mode must be 'exact' or 'fast', got {mode!r}")
+        if device_resize and not (mode == "fast" and device_aug and scale is not None):
+            raise ValueError("device_resize needs mode='fast', device_aug=True and a crop scale")
         self.size, self.scale, self.ratio, self.flip = size, scale, ratio, flip
         self.randaugment, self.reprob = randaugment, reprob
-        self.mode, self.device_aug = mode, device_aug
+        self.mode, self.device_aug, self.device_resize = mode, device_aug, device_resize
+        self.canvas = canvas_shape(size, ratio) if device_resize else None
+
+    def _canvas(self, r, rng: np.random.Generator):
+        """-> (uint8 canvas (Hc, Wc, 3), float32 crop (7,), valid): the box, not resampled."""
+        try:
+            if "image" in r:
+                if not r.get("valid", 1):
+                    raise ValueError("unreadable")
+                im = Image.fromarray(r["image"])
+            else:
+                im = open_image(r["bytes"] if "bytes" in r else r["path"])
+            w, h = im.size
+            t, left, ch, cw = random_resized_crop_box(rng, h, w, self.scale, self.ratio)
+            return *box_canvas(im, t, left, ch, cw, self.size, self.canvas), np.int32(1)
+        except Exception:  # noqa: BLE001 - unreadable: black, counted, as Decode does
+            return np.zeros((*self.canvas, 3), np.uint8), blank_crop(), np.int32(0)
 
     def _crop(self, r, rng: np.random.Generator):
         """-> (uint8 (size, size, 3) or smaller/unchanged for scale=None, valid)."""
@@ -176,15 +199,21 @@ class TrainAugment(grain.RandomMapTransform):
         return img, r.get("valid", np.int32(1))
 
     def random_map(self, r, rng: np.random.Generator):
-        img, valid = self._crop(r, rng)
+        out = {"label": r["label"]}
+        if self.device_resize:
+            img, out["crop"], valid = self._canvas(r, rng)
+            hw = (self.size, self.size)  # what the step resizes the box to
+        else:
+            img, valid = self._crop(r, rng)
+            hw = img.shape[:2]
+        out["valid"] = valid
         do_flip = self.flip > 0 and rng.uniform() < self.flip
-        out = {"label": r["label"], "valid": valid}
         if self.device_aug:
             out["flip"] = np.int32(do_flip)
             if self.randaugment is not None:
                 ops = self.randaugment.draw(rng)
                 n = self.randaugment.cfg.num_layers
-                out["ra"] = encode_ops(ops, img.shape[0], img.shape[1], n)
+                out["ra"] = encode_ops(ops, hw[0], hw[1], n)
         else:
             if do_flip:
                 img = img[:, ::-1]
@@ -193,7 +222,7 @@ class TrainAugment(grain.RandomMapTransform):
                 img = np.asarray(self.randaugment(pil, rng))
         out["image"] = np.ascontiguousarray(img)
         if self.reprob > 0:
-            out["erase"] = np.asarray(erase_box(rng, *img.shape[:2], prob=self.reprob), np.int32)
+            out["erase"] = np.asarray(erase_box(rng, *hw, prob=self.reprob), np.int32)
         return out
 
 
@@ -229,8 +258,8 @@ def train_loader(cfg, source, process_index: int, process_count: int, seed: int)
 
     ``data.aug`` (crop and flip), ``data.randaugment`` (a ``rand-...`` string, "" for none),
     ``data.reprob`` (random erasing) and ``data.repeated_aug`` (> 1: :class:`RepeatAugSampler`)
-    follow timm / DeiT; ``data.decode`` ("exact" / "fast") and ``data.device_aug`` pick the
-    :class:`TrainAugment` mode; ``data.workers`` Grain worker processes, ``data.read_threads``
+    follow timm / DeiT; ``data.decode`` ("exact" / "fast"), ``data.device_aug`` and
+    ``data.device_resize`` pick the :class:`TrainAugment` mode; ``data.workers`` Grain worker processes, ``data.read_threads``
     record-reading threads."""
     local_batch = cfg.batch_size // process_count
     d = cfg.data
@@ -252,6 +281,7 @@ def train_loader(cfg, source, process_index: int, process_count: int, seed: int)
         reprob=d.reprob,
         mode=d.decode,
         device_aug=d.device_aug,
+        device_resize=d.device_resize,
     )
     decode = [] if d.decode == "fast" and scale is not None else [Decode()]
     ops = [*decode, aug, grain.Batch(local_batch, drop_remainder=True)]

@@ -74,6 +74,9 @@ def imagenet_recipe() -> ml_collections.ConfigDict:
             prefetch=2,  # batches put on the devices ahead of the step
             decode="fast",  # reduced JPEG decode of the crop box; "exact": full decode as timm
             device_aug=True,  # flip + RandAugment inside the jitted step; False: on the host
+            # the bicubic resample of the crop box inside the jitted step too (decode="fast",
+            # device_aug=True): the host ships the decoded box in a fixed uint8 canvas
+            device_resize=True,
             aug="rrc_flip",  # random-resized-crop + flip, or "none" (resize only)
             rrc_scale=(0.08, 1.0),
             hflip=0.5,
@@ -135,6 +138,7 @@ def digits(runlocal: bool = False) -> ml_collections.ConfigDict:
     c.data.name = "digits"
     c.data.workers = 0
     c.data.aug = "none"
+    c.data.device_resize = False  # no crop to resample
     c.data.crop_pct = 1.0  # validation images are already img_size: no resize, no crop
     c.data.randaugment = ""
     c.data.reprob = 0.0

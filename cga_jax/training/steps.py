@@ -18,6 +18,7 @@ from flax import nnx
 
 from cga_jax.preprocess import normalize
 from cga_jax.training.device_augment import augment as device_augment
+from cga_jax.training.device_resize import resize_crops
 from cga_jax.training.distill import distillation_loss
 from cga_jax.training.erasing import apply_erase
 from cga_jax.training.mixup import mix_batch, smooth_one_hot
@@ -49,9 +50,11 @@ def make_train_step(
     ``image`` uint8 (B, H, W, 3), ``label`` int (B,), ``valid`` int (B,) (0: an unreadable
     image, left out of the loss), optionally ``erase`` int32 (B, 4) boxes and ``flip`` / ``ra``
     (``data.device_aug``: :func:`~cga_jax.training.device_augment.augment` applies them before
-    normalising); ``teacher``: the
+    normalising) and ``crop`` float32 (B, 7) (``data.device_resize``: ``image`` is then a uint8
+    canvas (B, Hc, Wc, 3) that :func:`~cga_jax.training.device_resize.resize_crops` turns into
+    (B, img_size, img_size, 3) first); ``teacher``: the
     teacher's ``(params, rest)`` for ``teacher_graphdef``, or None. ``metrics``: ``train_loss``,
-    ``lr``, ``grad_norm``, ``bad_images``. Reads ``cfg.compute_dtype``, ``cfg.aug``,
+    ``lr``, ``grad_norm``, ``bad_images``. Reads ``cfg.compute_dtype``, ``cfg.img_size``, ``cfg.aug``,
     ``cfg.distill`` and ``cfg.ema_decay``.
     """
     dtype = COMPUTE_DTYPES[cfg.compute_dtype]
@@ -63,8 +66,10 @@ def make_train_step(
     def train_step(state, batch, teacher=None):
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
         images = batch["image"]
+        if "crop" in batch:  # data.device_resize: the crop boxes are resampled here
+            images = resize_crops(images, batch["crop"], cfg.img_size)
         if "flip" in batch or "ra" in batch:  # data.device_aug: flip + RandAugment here
-            images = device_augment(batch)
+            images = device_augment(dict(batch, image=images))
         x = normalize(images)
         if "erase" in batch:  # random erasing, after normalisation (boxes drawn by the loader)
             x = apply_erase(jax.random.fold_in(key, 1), x, batch["erase"])

@@ -42,8 +42,9 @@ from cga_jax.training.schedule import make_schedule
 from cga_jax.training.steps import make_eval_step, make_train_step
 from cga_jax.training.validate import check_config
 
-# what the steps read from a loader batch ("flip", "ra": data.device_aug's per-image parameters)
-BATCH_KEYS = ("image", "label", "valid", "erase", "flip", "ra")
+# what the steps read from a loader batch ("flip", "ra": data.device_aug's per-image parameters;
+# "crop": data.device_resize's boxes in the canvases that "image" then holds)
+BATCH_KEYS = ("image", "label", "valid", "erase", "flip", "ra", "crop")
 
 
 class NonFiniteLossError(FloatingPointError):

@@ -96,6 +96,11 @@ def value_problems(cfg) -> list[str]:
     choice("data.aug", d.aug, AUG_MODES)
     choice("data.decode", d.decode, DECODE_MODES)
     choice("data.interpolation", d.interpolation, INTERPOLATIONS)
+    if d.device_resize and not (d.decode == "fast" and d.device_aug and d.aug == "rrc_flip"):
+        out.append(
+            f"data.device_resize=True: needs data.decode='fast', data.device_aug=True and "
+            f"data.aug='rrc_flip' (got {d.decode!r}, {d.device_aug!r}, {d.aug!r})"
+        )
     if d.randaugment:
         try:
             parse_rand_augment(d.randaugment)
