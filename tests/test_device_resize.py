@@ -111,8 +111,7 @@ def test_loader_ships_canvases_and_resumes_exactly(tmp_path):
     _folder(tmp_path / "train")
     cfg = imagenet_recipe()
     cfg.img_size, cfg.batch_size = 24, 8
-    cfg.data.update(dict(workers=0, reprob=0.25, repeated_aug=1))
-    assert cfg.data.device_resize  # the ImageNet recipe's default
+    cfg.data.update(dict(workers=0, reprob=0.25, repeated_aug=1, device_resize=True))
     check_config(cfg)
     loader = data_lib.train_loader(cfg, data_lib.FolderSource(tmp_path / "train"), 0, 1, seed=0)
     it = iter(loader)
