@@ -206,15 +206,18 @@ def check_format(fmt: str) -> None:
 
 
 def check_out_dir(out: str) -> None:
-    """Fail before any work if ``out`` cannot become a directory (exists as a file, or its
-    parent is missing or read-only)."""
+    """Fail before any work if ``out`` cannot become a directory: it exists as a file, or its
+    nearest existing ancestor is not a writable directory (missing parents are created when
+    the directory is written, as ``mkdir -p``)."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise CheckpointError(f"{out}: exists and is not a directory; choose another --out")
-    parent = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+    ancestor = os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor) or not os.access(ancestor, os.W_OK | os.X_OK):
         raise CheckpointError(
-            f"{out}: cannot write there (the parent directory {parent} is missing or not "
-            "writable); nothing was converted"
+            f"{out}: cannot write there ({ancestor} is not a writable directory); "
+            "nothing was converted"
         )
 
 
@@ -226,7 +229,9 @@ def write_converted(out: str, flat: dict[str, np.ndarray], meta: dict, fmt: str)
 
     check_format(fmt)
     check_out_dir(out)
-    tmp = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(out)), prefix=".cga-convert-")
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".cga-convert-")
     try:
         if fmt in ("safetensors", "both"):
             save_file(flat, os.path.join(tmp, SAFETENSORS_FILE))

@@ -15,9 +15,10 @@ from safetensors.numpy import save_file
 import cga_jax
 import cga_jax.checkpoint_io
 import cga_jax.convert
-from cga_jax.checkpoint_io import read_converted
+from cga_jax.checkpoint_io import check_out_dir, read_converted
 from cga_jax.cli import main
 from cga_jax.convert import convert
+from cga_jax.errors import CheckpointError
 from cga_jax.keymap import to_timm_state_dict
 
 MODEL = "efficientvit_m0"
@@ -103,3 +104,14 @@ def test_convert_reads_its_source_once(timm_file, tmp_path, monkeypatch):
     monkeypatch.setattr(cga_jax.checkpoint_io, "_load_raw", lambda p: reads.append(p) or real(p))
     convert(MODEL, timm_file, str(tmp_path / "m"), img_size=64, num_classes=5)
     assert reads == [timm_file]
+
+
+def test_out_dir_parents_are_created_but_a_file_in_the_way_is_an_error(tmp_path):
+    """``--out weights/m0`` works without ``weights/`` (as ``mkdir -p``); a file where a
+    directory must go fails before any work."""
+    check_out_dir(str(tmp_path / "a" / "b" / "m0"))
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(CheckpointError, match="not a writable directory"):
+        check_out_dir(str(tmp_path / "f" / "m0"))
+    with pytest.raises(CheckpointError, match="not a directory"):
+        check_out_dir(str(tmp_path / "f"))
