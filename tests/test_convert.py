@@ -262,10 +262,11 @@ def _bad_cases(fixtures_dir, tmp_path):
         "Hugging Face hub",
     )
     cases["unknown model"] = ("efficientvit_m9", m0, {}, "unknown model")
+    (tmp_path / "a_file").write_text("in the way")  # missing parents are created; a file is not
     cases["not writable"] = (
         "efficientvit_m0",
         m0,
-        {"out": tmp_path / "nodir" / "sub" / "x"},
+        {"out": tmp_path / "a_file" / "sub" / "x"},
         "cannot write",
     )
     del orig
