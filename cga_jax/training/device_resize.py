@@ -23,14 +23,13 @@ the difference.
 from __future__ import annotations
 
 import math
-import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from cga_jax.training.fast_decode import dct_scale
+from cga_jax.training.fast_decode import decode_for_box
 
 MARGIN = 6  # px kept around the box: bicubic support 2 x the downscale factor (< 3 here)
 PRECISION_BITS = 22  # Pillow's fixed-point coefficients for 8-bit images (32 - 8 - 2)
@@ -69,13 +68,7 @@ def box_canvas(
     """Decode ``im`` (a lazily opened PIL image) for the box (``top``, ``left``, ``box_h``,
     ``box_w`` in full-size pixels) -> (uint8 ``canvas`` + (3,), float32 (7,) ``crop``).
     Raises what Pillow raises for a corrupt or truncated file."""
-    w, h = im.size
-    s = dct_scale(box_h, box_w, size) if im.format == "JPEG" else 1
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if s > 1:
-            im.draft("RGB", (w // s, h // s))
-        im.load()
+    im, s = decode_for_box(im, box_h, box_w, size)
     if im.mode != "RGB":
         im = im.convert("RGB")
     f = 1.0 / s

@@ -54,12 +54,11 @@ def resize_box(im: Image.Image, box: tuple[float, float, float, float], size: in
     return np.asarray(out)
 
 
-def decode_crop(
-    im: Image.Image, top: int, left: int, box_h: int, box_w: int, size: int
-) -> np.ndarray:
-    """Decode ``im`` (from :func:`open_image`) at the DCT scale chosen by :func:`dct_scale` and
-    resample the box (``top``, ``left``, ``box_h``, ``box_w`` in full-size pixels) to uint8
-    (size, size, 3). Raises what Pillow raises for a corrupt or truncated file."""
+def decode_for_box(im: Image.Image, box_h: int, box_w: int, size: int) -> tuple[Image.Image, int]:
+    """Decode ``im`` (from :func:`open_image`) at the DCT scale :func:`dct_scale` allows for a
+    ``box_h`` x ``box_w`` box resampled to ``size`` -> (the decoded image, the scale ``s``:
+    full-size coordinates times ``1 / s`` are decoded ones). Raises what Pillow raises for a
+    corrupt or truncated file."""
     w, h = im.size
     s = dct_scale(box_h, box_w, size) if im.format == "JPEG" else 1
     with warnings.catch_warnings():
@@ -67,6 +66,16 @@ def decode_crop(
         if s > 1:
             im.draft("RGB", (w // s, h // s))
         im.load()
+    return im, s
+
+
+def decode_crop(
+    im: Image.Image, top: int, left: int, box_h: int, box_w: int, size: int
+) -> np.ndarray:
+    """Decode ``im`` (from :func:`open_image`) at the DCT scale chosen by :func:`dct_scale` and
+    resample the box (``top``, ``left``, ``box_h``, ``box_w`` in full-size pixels) to uint8
+    (size, size, 3). Raises what Pillow raises for a corrupt or truncated file."""
+    im, s = decode_for_box(im, box_h, box_w, size)
     # the decoded size is ceil(w / s) x ceil(h / s); coordinates scale by exactly 1 / s
     f = 1.0 / s
     box = (left * f, top * f, (left + box_w) * f, (top + box_h) * f)
